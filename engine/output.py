@@ -1,0 +1,63 @@
+"""What a request produces, and the host-side text stream that honours stop strings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from models import IncrementalDetokenizer, Tokenizer
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  prompt_token_ids: list[int]
+  token_ids: list[int]
+  text: str
+  finish_reason: FinishReason | None
+
+
+class TextStream:
+  """Detokenizes a request's tokens and cuts the text at the first stop string.
+
+  Text that could still turn out to be the start of a stop string is held back, so a stream
+  never shows part of a stop string and the final text never contains one.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+    self.detok = IncrementalDetokenizer(tokenizer)
+    self.stop = stop
+    self.text = ""  # emitted so far
+    self.stopped = False
+
+  def add(self, token_id: int) -> str:
+    """Adds one token; returns the text that may now be shown."""
+    self.detok.add([token_id])
+    full = self.detok.text
+    hits = [i for i in (full.find(s, max(0, len(self.text) - len(s))) for s in self.stop) if i >= 0]
+    if hits:
+      self.stopped = True
+      end = min(hits)
+    else:
+      end = len(full) - self._held_back(full)
+    delta, self.text = full[len(self.text) : end], full[:end]
+    return delta
+
+  def flush(self) -> str:
+    """At the end of the request, held-back text that never became a stop string."""
+    if self.stopped:
+      return ""
+    delta = self.detok.text[len(self.text) :]
+    self.text = self.detok.text
+    return delta
+
+  def _held_back(self, full: str) -> int:
+    """Length of the longest suffix of `full` that is a proper prefix of a stop string."""
+    longest = 0
+    for s in self.stop:
+      for n in range(min(len(s) - 1, len(full)), longest, -1):
+        if full.endswith(s[:n]):
+          longest = n
+          break
+    return longest

@@ -1,0 +1,1 @@
+"""The serving front: the `meshserve` CLI (and, with the server issue, gRPC). No model logic."""
