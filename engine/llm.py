@@ -47,6 +47,7 @@ class LLM:
       max_model_len=min(2048, self.model.config.max_context // 16 * 16)
     )
     self.runner = Runner(self.model, self.config)
+    self.last_timing: dict[str, float] = {}  # of the last batch run: prefill_s, decode_s, steps
 
   def generate(
     self,
@@ -138,6 +139,7 @@ class LLM:
       )
       steps += 1
     decode_s = time.perf_counter() - decode_start
+    self.last_timing = dict(prefill_s=prefill_s, decode_s=decode_s, steps=steps)
     log.info(
       "batch of %d: prefill %.2fs (%d tokens), decode %.2fs (%d steps, %.1f tok/s)",
       len(group), prefill_s, int(lens[: len(group)].sum()), decode_s, steps,

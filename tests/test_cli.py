@@ -1,0 +1,52 @@
+"""`meshserve generate` as a user runs it: a subprocess, stdout streamed, errors without traces."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _meshserve(*args: str, **kw) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(
+    [sys.executable, "-m", "server.cli", *args],
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw,
+  )  # fmt: skip
+
+
+def test_generate_chat_streams_an_answer():
+  proc = _meshserve(
+    "generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "16"
+  )
+  # Read stdout as it arrives: a streamed answer shows up in several pieces over time.
+  pieces, arrivals = [], []
+  fd = proc.stdout.fileno()
+  os.set_blocking(fd, True)
+  while chunk := os.read(fd, 64):
+    pieces.append(chunk.decode())
+    arrivals.append(time.perf_counter())
+  proc.wait(timeout=300)
+  out = "".join(pieces)
+  assert proc.returncode == 0, proc.stderr.read()
+  assert "Paris" in out
+  assert len(pieces) >= 3 and arrivals[-1] > arrivals[0]
+  assert "ready in" in proc.stderr.read()  # the stage log line with its timing
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--prompt", ""], "prompt"),
+    (["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["--prompt", "hi", "--model", "no-such-model"], "unknown model"),
+    (["--prompt", "hi", "--model", "/nonexistent/m.gguf"], "not found"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+  ],
+)
+def test_generate_bad_input_is_one_clear_line(args, message):
+  proc = _meshserve("generate", *args)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2
+  assert message in err and "Traceback" not in err

@@ -1,0 +1,71 @@
+"""The GGUF reader: metadata, dequantization by hand, and the RoPE row permutation."""
+
+import numpy as np
+import pytest
+
+from models.gguf_loader import GGUFFile, unpermute_rope_rows
+from models.loader import MODELS
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+  return GGUFFile(MODELS["smollm2-135m-instruct"].path())
+
+
+def test_config_from_metadata(gguf_file):
+  cfg = gguf_file.config("smollm2-135m-instruct")
+  assert (cfg.num_layers, cfg.embed_dim, cfg.mlp_dim) == (30, 576, 1536)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (9, 3, 64)
+  assert cfg.vocab_size == 49152 and cfg.tie_embeddings
+  assert cfg.rope_theta == 100000.0 and cfg.eos_token_ids == (2,)
+  assert abs(cfg.norm_eps - 1e-5) < 1e-9
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+  return raw.view(np.float16).astype(np.float32).reshape(-1)  # [blocks]
+
+
+def test_q4_1_dequantized_by_hand(gguf_file):
+  # Q4_1 block: f16 scale d, f16 min m, 16 bytes of nibbles; x = d*q + m, low nibbles first.
+  t = gguf_file.tensors["blk.0.attn_q.weight"]
+  assert t.tensor_type.name == "Q4_1"
+  raw = np.asarray(t.data[3]).reshape(-1, 20)  # row 3, 18 blocks of 32 values
+  d, m, qs = _f16(raw[:, 0:2].copy()), _f16(raw[:, 2:4].copy()), raw[:, 4:]
+  q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+  expected = (d[:, None] * q + m[:, None]).reshape(-1)
+  np.testing.assert_allclose(gguf_file.tensor("blk.0.attn_q.weight")[3], expected, rtol=1e-6)
+
+
+def test_q8_0_dequantized_by_hand(gguf_file):
+  # Q8_0 block: f16 scale d, 32 int8; x = d*q.
+  t = gguf_file.tensors["token_embd.weight"]
+  assert t.tensor_type.name == "Q8_0"
+  raw = np.asarray(t.data[1234]).reshape(-1, 34)
+  d, q = _f16(raw[:, 0:2].copy()), raw[:, 2:].view(np.int8).astype(np.float32)
+  expected = (d[:, None] * q).reshape(-1)
+  np.testing.assert_allclose(gguf_file.tensor("token_embd.weight")[1234], expected, rtol=1e-6)
+
+
+def test_f32_tensor_passes_through(gguf_file):
+  t = gguf_file.tensors["output_norm.weight"]
+  assert t.tensor_type.name == "F32"
+  np.testing.assert_array_equal(gguf_file.tensor("output_norm.weight"), np.asarray(t.data))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+  heads, head_dim, cols = 3, 8, 5
+  w = np.arange(heads * head_dim * cols, dtype=np.float32).reshape(heads * head_dim, cols)
+  # llama.cpp convert_hf_to_gguf.py: reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
+  permuted = w.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(w.shape)
+  np.testing.assert_array_equal(unpermute_rope_rows(permuted, heads), w)
+  # Row order of head 0 after permuting: pairs (0, 4), (1, 5), ... interleaved.
+  assert permuted[:4, 0].tolist() == [0, 20, 5, 25]
+
+
+def test_missing_and_bad_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    GGUFFile(tmp_path / "absent.gguf")
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ValueError, match="not a readable GGUF"):
+    GGUFFile(bad)

@@ -1,0 +1,79 @@
+"""Tokenizer ids, chat template and streaming detokenization against the reference."""
+
+import pytest
+
+from engine.output import TextStream
+from models import IncrementalDetokenizer
+
+
+def test_encode_matches_reference(model, golden):
+  for j in range(golden.ntok):
+    text = str(golden[f"tok{j}_text"])
+    assert model.tokenizer.encode(text) == golden[f"tok{j}_ids"].tolist(), text
+
+
+def test_decode_roundtrip(model, golden):
+  for j in range(golden.ntok):
+    text = str(golden[f"tok{j}_text"])
+    assert model.tokenizer.decode(golden[f"tok{j}_ids"].tolist()) == text
+
+
+def test_chat_template_text_and_ids(model, golden):
+  chat = golden.chat_cases()
+  assert len(chat) == len(golden["chat_text"])
+  for i, expected_text in zip(chat, golden["chat_text"], strict=True):
+    text = model.tokenizer.apply_chat_template(golden.messages(i), add_generation_prompt=True)
+    assert text == str(expected_text)
+    assert model.tokenizer.encode(text) == golden[f"{i}_ids"].tolist()
+
+
+def test_greedy_text_decodes_like_reference(model, golden):
+  for i in range(golden.n):
+    assert model.tokenizer.decode(golden[f"{i}_greedy"].tolist()) == str(golden[f"{i}_greedy_text"])
+
+
+def test_chat_template_rejects_bad_messages(model):
+  with pytest.raises(ValueError, match="messages"):
+    model.tokenizer.apply_chat_template([])
+  with pytest.raises(ValueError, match=r"messages\[0\]"):
+    model.tokenizer.apply_chat_template([{"content": "no role"}])
+
+
+def test_incremental_detokenizer_never_splits_a_character(model, golden):
+  ids = golden["tok3_ids"].tolist()  # CJK and emoji: characters spread over several tokens
+  detok = IncrementalDetokenizer(model.tokenizer)
+  deltas = [detok.add([t]) for t in ids]
+  assert all("\ufffd" not in d for d in deltas)
+  assert sum(1 for d in deltas if d == "") >= 2  # some tokens ended mid-character
+  assert "".join(deltas) == str(golden["tok3_text"])
+
+
+def test_incremental_detokenizer_long_stream(model):
+  text = "Streaming text — with ümlauts, 数字 and 🎉 emoji — over many tokens. " * 8
+  ids = model.tokenizer.encode(text)
+  detok = IncrementalDetokenizer(model.tokenizer)
+  assert "".join(detok.add([t]) for t in ids) == text
+
+
+def _stream(model, text, stop):
+  s = TextStream(model.tokenizer, stop)
+  deltas = []
+  for t in model.tokenizer.encode(text):
+    deltas.append(s.add(t))
+    if s.stopped:
+      break
+  deltas.append(s.flush())
+  return s, deltas
+
+
+def test_stop_string_across_tokens_is_cut_and_never_shown(model):
+  text = "The answer is: red, blue, and yellow. Done."
+  s, deltas = _stream(model, text, ("blue, and",))
+  assert s.stopped and s.text == "The answer is: red, "
+  assert "".join(deltas) == s.text
+  assert all("blue" not in d for d in deltas)
+
+
+def test_held_back_prefix_is_released_when_no_stop_follows(model):
+  s, deltas = _stream(model, "one two three", ("two four",))
+  assert not s.stopped and s.text == "one two three" and "".join(deltas) == s.text
