@@ -70,9 +70,7 @@ class LLM:
     for start in range(0, len(requests), self.config.max_batch):
       group = requests[start : start + self.config.max_batch]
       self._run_group(group, lambda i, text, s=start: on_delta(s + i, text))
-    return [
-      RequestOutput(r.prompt_ids, r.output, r.stream.text, r.finish_reason) for r in requests
-    ]
+    return [RequestOutput(r.prompt_ids, r.output, r.stream.text, r.finish_reason) for r in requests]
 
   def chat(
     self,
@@ -83,8 +81,9 @@ class LLM:
     """Applies the model's chat template to each conversation, then generates."""
     if conversations and isinstance(conversations[0], dict):
       conversations = [conversations]
-    texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    return self.generate([self.tokenizer.encode(t) for t in texts], params, on_delta)
+    template = self.tokenizer.apply_chat_template
+    ids = [self.tokenizer.encode(template(c, add_generation_prompt=True)) for c in conversations]
+    return self.generate(ids, params, on_delta)
 
   def _make_request(self, prompt: Prompt, params: SamplingParams) -> _Request:
     ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -107,7 +106,7 @@ class LLM:
     T = bucket(max(len(r.prompt_ids) for r in group), cfg.prefill_buckets)
     longest = max(min(len(r.prompt_ids) + r.params.max_tokens, cfg.max_model_len) for r in group)
     P = bucket(math.ceil(longest / cfg.page_size), cfg.page_buckets)
-    if B * P > cfg.num_pages - 1:  # the pool cannot hold the whole group: split it
+    if cfg.num_pages - 1 < B * P:  # the pool cannot hold the whole group: split it
       half = len(group) // 2
       if half == 0:
         raise ValueError(f"a request needs {P} pages but the pool has {cfg.num_pages}")

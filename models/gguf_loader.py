@@ -95,9 +95,7 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's `permute`: w [heads*D, E] back to HF row order."""
   rows = w.shape[0]
   return (
-    w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
-    .swapaxes(1, 2)
-    .reshape(w.shape)
+    w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
   )
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 
 from models.config import ModelConfig
 
@@ -84,9 +83,15 @@ class Llama(nnx.Module):
     x = self.embed[...][tokens].astype(cfg.dtype)  # [B, T, E]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     layers = dict(
-      attn_norm=self.attn_norm[...], wq=self.wq[...], wk=self.wk[...], wv=self.wv[...],
-      wo=self.wo[...], mlp_norm=self.mlp_norm[...], w_gate=self.w_gate[...],
-      w_up=self.w_up[...], w_down=self.w_down[...],
+      attn_norm=self.attn_norm[...],
+      wq=self.wq[...],
+      wk=self.wk[...],
+      wv=self.wv[...],
+      wo=self.wo[...],
+      mlp_norm=self.mlp_norm[...],
+      w_gate=self.w_gate[...],
+      w_up=self.w_up[...],
+      w_down=self.w_down[...],
     )
 
     if cache is not None:

@@ -17,6 +17,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 # GGUF token types (llama.cpp's `llama_token_type`).
 _CONTROL, _USER_DEFINED = 3, 4
 
+
 def _byte_level(individual_digits: bool) -> pre_tokenizers.PreTokenizer:
   """GPT-2 byte-level splitting; llama.cpp's "smollm" also splits every digit on its own."""
   steps = [pre_tokenizers.Digits(individual_digits=True)] if individual_digits else []

@@ -18,7 +18,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.runner import bucket, model_step  # noqa: E402
@@ -109,8 +108,10 @@ def main() -> None:
     tok_s = batch / step
     print(f"{batch:>5} | {path:<22} | {step * 1e3:8.1f} | {tok_s:8.1f} | "
           f"{tok_s / roofline_b1:10.0%} | {bare / step:6.2f}x")  # fmt: skip
-  print("\nvs roofline: tokens/s over the batch-1 weight-streaming bound (batching can exceed it);"
-        "\nvs bare: bare jitted step time / this path's step time (1.00x = no engine overhead).")
+  print(
+    "\nvs roofline: tokens/s over the batch-1 weight-streaming bound (batching can exceed it);"
+    "\nvs bare: bare jitted step time / this path's step time (1.00x = no engine overhead)."
+  )
 
 
 if __name__ == "__main__":

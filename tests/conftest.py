@@ -21,10 +21,9 @@ class Golden:
     return self.d[key]
 
   def case(self, i: int) -> dict:
-    return {k: self.d[f"{i}_{k}"] for k in ("kind", "ids", "top_ids", "top_logits", "last_logits", "greedy")} | {
-      "source": str(self.d[f"{i}_source"]),
-      "greedy_text": str(self.d[f"{i}_greedy_text"]),
-    }
+    arrays = ("ids", "top_ids", "top_logits", "last_logits", "greedy")
+    strings = ("kind", "source", "greedy_text")
+    return {k: self.d[f"{i}_{k}"] for k in arrays} | {k: str(self.d[f"{i}_{k}"]) for k in strings}
 
   def chat_cases(self):
     return [i for i in range(self.n) if str(self.d[f"{i}_kind"]) == "chat"]

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import first_near_tie
+
 from engine import SamplingParams
 from engine.runner import EngineConfig, bucket
 from engine.sampling import SamplingBatch
@@ -48,8 +48,9 @@ def test_cached_decode_matches_full_forward_at_every_step(llm, model, golden):
   prompt, cont = case["ids"].tolist(), case["greedy"].tolist()[:12]
   full = model.logits(prompt + cont)  # [T, V]
   cfg, runner = llm.config, llm.runner
-  T, P = bucket(len(prompt), cfg.prefill_buckets), 4
+  T = bucket(len(prompt), cfg.prefill_buckets)
   page_table = np.array([[5, 9, 2, 7]], np.int32)  # scattered pages on purpose
+  assert len(prompt) + len(cont) <= page_table.shape[1] * cfg.page_size
   sampling = SamplingBatch.build([SamplingParams()], [0], 1)
   tokens = np.zeros((1, T), np.int32)
   positions = np.full((1, T), -1, np.int32)
@@ -66,7 +67,6 @@ def test_cached_decode_matches_full_forward_at_every_step(llm, model, golden):
       np.zeros(1, np.int32), sampling, np.zeros(1, np.int32), return_logits=True,
     )  # fmt: skip
     np.testing.assert_allclose(logits[0], full[pos], atol=2e-4, err_msg=f"step {k}")
-  assert P == page_table.shape[1] and (len(prompt) + len(cont)) <= P * cfg.page_size
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(llm, golden):
@@ -120,7 +120,8 @@ def test_max_tokens_and_stop_strings(llm, golden):
 
 def test_streamed_deltas_add_up_to_the_text(llm, golden):
   deltas = []
-  out = llm.chat(golden.messages(4), SamplingParams(max_tokens=32), on_delta=lambda i, t: deltas.append(t))[0]
+  params = SamplingParams(max_tokens=32)
+  out = llm.chat(golden.messages(4), params, on_delta=lambda i, t: deltas.append(t))[0]
   assert len(deltas) > 5 and "".join(deltas) == out.text
 
 
@@ -153,8 +154,13 @@ def test_bad_requests_raise_clear_errors(llm, prompt, params, match):
 
 @pytest.mark.parametrize(
   ("kwargs", "field"),
-  [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
-   ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"), ({"stop": ("",)}, "stop")],
+  [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"stop": ("",)}, "stop"),
+  ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):

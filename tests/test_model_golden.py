@@ -31,10 +31,7 @@ def test_logits_rejects_bad_ids(model):
 def test_parameters_carry_logical_axes(model):
   from flax import nnx
 
-  axes = {
-    path: v.get_metadata()["logical_axes"]
-    for path, v in nnx.to_flat_state(model.state)
-  }
+  axes = {path: v.get_metadata()["logical_axes"] for path, v in nnx.to_flat_state(model.state)}
   assert axes[("wq",)] == ("layers", "embed", "heads", "head_dim")
   assert axes[("embed",)] == ("vocab", "embed")
   for path, v in nnx.to_flat_state(model.state):
