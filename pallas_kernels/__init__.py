@@ -1,4 +1,23 @@
-"""Pallas attention kernels (prefill flash attention, ragged paged decode attention).
+"""Pallas attention kernels, each beside its plain-JAX float32 reference.
 
-Until they land, models use the XLA attention path in `models.llama.attention`.
+- `flash_attention`: prefill, tiled causal / sliding-window attention with GQA.
+- `ragged_paged_attention`: decode, one query token per sequence reading KV pages in place.
+
+Mosaic (TPU) is the lowering target; `interpret=True` (or `pltpu.InterpretParams()`) runs the
+same kernels on CPU. Never imports engine or models.
 """
+
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import (
+  flash_attention_reference,
+  ragged_paged_attention_reference,
+)
+
+__all__ = [
+  "BlockSizes",
+  "flash_attention",
+  "flash_attention_reference",
+  "ragged_paged_attention",
+  "ragged_paged_attention_reference",
+]

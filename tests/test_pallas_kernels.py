@@ -1,0 +1,226 @@
+"""Pallas kernels: references on hand-worked cases, kernels (interpret mode) against the
+references over a sweep, block skipping, argument checks, and AOT compilation for real TPU
+topologies through libtpu (Mosaic lowering + the TPU compiler, no TPU needed)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import (
+  BlockSizes,
+  flash_attention,
+  flash_attention_reference,
+  ragged_paged_attention,
+  ragged_paged_attention_reference,
+)
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _rand(rng, shape, dtype):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def _close(out, ref, dtype):
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=TOL[dtype], rtol=TOL[dtype]
+  )
+
+
+# --- references on cases worked by hand --------------------------------------------------
+
+
+def test_flash_reference_by_hand():
+  q = jnp.array([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # [B=1, T=2, H=1, D=2]
+  k = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [B=1, S=2, K=1, D=2]
+  v = jnp.array([[[[1.0, 2.0]], [[3.0, 4.0]]]])
+  out = flash_attention_reference(q, k, v, sm_scale=1.0)
+  # Query 0 sees key 0 only; query 1 has scores (0, 2) over keys (0, 1).
+  w = math.exp(2) / (1 + math.exp(2))
+  expected = [[1.0, 2.0], [(1 - w) * 1 + w * 3, (1 - w) * 2 + w * 4]]
+  np.testing.assert_allclose(out[0, :, 0], expected, rtol=1e-6)
+  # Not causal: query 0 has scores (1, 0).
+  w0 = 1 / (1 + math.e)
+  out = flash_attention_reference(q, k, v, causal=False, sm_scale=1.0)
+  np.testing.assert_allclose(out[0, 0, 0], [(1 - w0) * 1 + w0 * 3, (1 - w0) * 2 + w0 * 4], 1e-6)
+  # A window of 1: each query sees only itself.
+  out = flash_attention_reference(q, k, v, sliding_window=1, sm_scale=1.0)
+  np.testing.assert_allclose(out[0, :, 0], [[1.0, 2.0], [3.0, 4.0]], rtol=1e-6)
+
+
+def test_ragged_reference_by_hand():
+  k_pages = jnp.zeros((3, 2, 1, 2)).at[2, 0, 0].set([1.0, 0.0]).at[1, 0, 0].set([0.0, 1.0])
+  v_pages = jnp.zeros((3, 2, 1, 2)).at[2, 0, 0].set([1.0, 2.0]).at[1, 0, 0].set([3.0, 4.0])
+  # Sequence 0 lives in pages (2, 1): token 0 at page 2 slot 0, token 2 at page 1 slot 0.
+  page_indices = jnp.array([[2, 1], [2, 1], [2, 1]], jnp.int32)
+  kv_lens = jnp.array([3, 1, 0], jnp.int32)
+  q = jnp.array([[[0.0, 1.0]], [[5.0, 5.0]], [[1.0, 1.0]]])
+  out = ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_indices, sm_scale=1.0)
+  # Seq 0: keys (1,0), (0,0), (0,1) -> scores (0, 0, 1).
+  e = math.e
+  w = np.array([1, 1, e]) / (2 + e)
+  np.testing.assert_allclose(out[0, 0], w @ np.array([[1, 2], [0, 0], [3, 4]]), rtol=1e-6)
+  np.testing.assert_allclose(out[1, 0], [1.0, 2.0], rtol=1e-6)  # one token: its value
+  np.testing.assert_array_equal(out[2], 0.0)  # empty sequence: zeros
+
+
+# --- kernels against references -----------------------------------------------------------
+
+INTERPRET = {"interpret": True, "tpu_interpret": pltpu.InterpretParams()}
+
+
+@pytest.mark.parametrize("mode", INTERPRET)
+@pytest.mark.parametrize(
+  ("D", "H", "K", "T", "S", "window", "causal", "dtype"),
+  [
+    (64, 9, 3, 37, 37, None, True, jnp.float32),  # SmolLM2 heads, T not a block multiple
+    (128, 8, 1, 20, 70, None, True, jnp.float32),  # MQA, a chunk after a cached prefix
+    (64, 8, 8, 50, 50, 16, True, jnp.float32),  # MHA, sliding window
+    (128, 24, 8, 33, 65, 24, True, jnp.bfloat16),  # GQA 3, window, prefix
+    (64, 6, 2, 30, 45, None, False, jnp.float32),  # not causal
+    (64, 16, 2, 64, 64, None, True, jnp.bfloat16),  # GQA 8, exact blocks
+  ],
+)
+def test_flash_attention_matches_reference(mode, D, H, K, T, S, window, causal, dtype):
+  rng = np.random.default_rng(D + H + T)
+  q, k, v = (_rand(rng, (2, n, h, D), dtype) for n, h in ((T, H), (S, K), (S, K)))
+  out = flash_attention(
+    q, k, v, causal=causal, sliding_window=window, block_sizes=BlockSizes(16, 16),
+    interpret=INTERPRET[mode],
+  )  # fmt: skip
+  ref = flash_attention_reference(q, k, v, causal=causal, sliding_window=window)
+  assert out.shape == q.shape and out.dtype == dtype
+  _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", INTERPRET)
+@pytest.mark.parametrize(
+  ("D", "H", "K", "Z", "window", "dtype"),
+  [
+    (64, 9, 3, 16, None, jnp.float32),
+    (128, 8, 1, 32, None, jnp.float32),
+    (64, 8, 8, 16, 20, jnp.float32),
+    (128, 24, 8, 32, None, jnp.bfloat16),
+    (64, 16, 2, 16, 7, jnp.bfloat16),
+  ],
+)
+def test_ragged_paged_attention_matches_reference(mode, D, H, K, Z, window, dtype):
+  rng = np.random.default_rng(D + H + Z)
+  P, N = 4, 24
+  kv_lens = jnp.array([0, 1, Z, P * Z, Z + 3], jnp.int32)  # empty, one, one page, full, ragged
+  B = kv_lens.shape[0]
+  page_indices = jnp.asarray(rng.permutation(np.arange(1, N))[: B * P].reshape(B, P), jnp.int32)
+  q = _rand(rng, (B, H, D), dtype)
+  k_pages, v_pages = _rand(rng, (N, Z, K, D), dtype), _rand(rng, (N, Z, K, D), dtype)
+  args = (q, k_pages, v_pages, kv_lens, page_indices)
+  out = ragged_paged_attention(*args, sliding_window=window, interpret=INTERPRET[mode])
+  ref = ragged_paged_attention_reference(*args, sliding_window=window)
+  assert out.shape == q.shape and out.dtype == dtype
+  assert not np.isnan(np.asarray(out, np.float32)).any()
+  np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+  _close(out, ref, dtype)
+
+
+# --- skipped means never read: NaN in blocks that must be skipped stays out of the output ---
+
+
+def test_flash_attention_skips_blocks_above_the_diagonal_and_outside_the_window():
+  rng = np.random.default_rng(0)
+  q, k, v = (_rand(rng, (1, 64, 2, 64), jnp.float32) for _ in range(3))
+  poisoned = v.at[:, 16:].set(jnp.nan)  # query block 0 (rows 0..15) needs key block 0 only
+  out = flash_attention(q, k, poisoned, block_sizes=BlockSizes(16, 16), interpret=True)
+  _close(out[:, :16], flash_attention_reference(q, k, v)[:, :16], jnp.float32)
+  # Window 16: rows 48..63 need keys 33..63, so key blocks 0 and 1 are never touched.
+  poisoned = v.at[:, :32].set(jnp.nan)
+  out = flash_attention(
+    q, k, poisoned, sliding_window=16, block_sizes=BlockSizes(16, 16), interpret=True
+  )
+  ref = flash_attention_reference(q, k, v, sliding_window=16)
+  _close(out[:, 48:], ref[:, 48:], jnp.float32)
+
+
+def test_ragged_paged_attention_reads_only_used_pages():
+  rng = np.random.default_rng(1)
+  N, Z, K, D = 8, 16, 2, 64
+  k_pages, v_pages = _rand(rng, (N, Z, K, D), jnp.float32), _rand(rng, (N, Z, K, D), jnp.float32)
+  v_poisoned = v_pages.at[0].set(jnp.nan)  # page 0: listed after each sequence's last page
+  page_indices = jnp.array([[3, 5, 0, 0], [0, 0, 0, 0]], jnp.int32)
+  kv_lens = jnp.array([20, 0], jnp.int32)
+  q = _rand(rng, (2, 4, D), jnp.float32)
+  out = ragged_paged_attention(q, k_pages, v_poisoned, kv_lens, page_indices, interpret=True)
+  ref = ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_indices)
+  _close(out, ref, jnp.float32)
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def test_flash_attention_rejects_bad_arguments():
+  q, k = jnp.zeros((1, 8, 4, 64)), jnp.zeros((1, 8, 3, 64))
+  with pytest.raises(ValueError, match="q: 4 query heads"):
+    flash_attention(q, k, k, interpret=True)
+  with pytest.raises(ValueError, match="q: expected"):
+    flash_attention(q[0], k, k, interpret=True)
+  with pytest.raises(ValueError, match="k, v"):
+    flash_attention(q, jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 9, 2, 64)), interpret=True)
+  with pytest.raises(ValueError, match="dtypes"):
+    kb = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    flash_attention(q, kb, kb, interpret=True)
+  with pytest.raises(ValueError, match="sliding_window"):
+    flash_attention(q, jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 8, 2, 64)), sliding_window=0)
+  with pytest.raises(ValueError, match="block sizes"):
+    BlockSizes(block_q=10)
+
+
+def test_ragged_paged_attention_rejects_bad_arguments():
+  q, pages = jnp.zeros((2, 4, 64)), jnp.zeros((8, 16, 2, 64))
+  lens, table = jnp.zeros((2,), jnp.int32), jnp.zeros((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="kv_lens"):
+    ragged_paged_attention(q, pages, pages, lens.astype(jnp.float32), table, interpret=True)
+  with pytest.raises(ValueError, match="page_indices"):
+    ragged_paged_attention(q, pages, pages, lens, table[:1], interpret=True)
+  with pytest.raises(ValueError, match="k_pages"):
+    ragged_paged_attention(q, pages, pages[..., :32], lens, table, interpret=True)
+  with pytest.raises(ValueError, match="q: 3 query heads"):
+    ragged_paged_attention(q[:, :3], pages, pages, lens, table, interpret=True)
+
+
+# --- AOT compilation for real TPU topologies ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["v5e:2x4", "v6e:2x4"])
+def tpu_device(request):
+  from jax.experimental import topologies
+
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=request.param)
+  return topology.devices[0]
+
+
+def _abstract(device, *shapes_dtypes):
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes_dtypes]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_attention_compiles_for_tpu(tpu_device, dtype):
+  q, k, v = _abstract(tpu_device, ((1, 300, 32, 128), dtype), *[((1, 300, 8, 128), dtype)] * 2)
+  compiled = flash_attention.lower(q, k, v, sliding_window=128).compile()
+  assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not an XLA fallback
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ragged_paged_attention_compiles_for_tpu(tpu_device, dtype):
+  args = _abstract(
+    tpu_device,
+    ((64, 32, 128), dtype),
+    ((512, 16, 8, 128), dtype),
+    ((512, 16, 8, 128), dtype),
+    ((64,), jnp.int32),
+    ((64, 8), jnp.int32),
+  )
+  compiled = ragged_paged_attention.lower(*args).compile()
+  assert "tpu_custom_call" in compiled.as_text()
