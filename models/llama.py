@@ -13,32 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
+from models.attention import AttentionBackend, KVCache, cache_slots
 from models.config import ModelConfig
-
-
-@struct.dataclass
-class KVCache:
-  """The paged KV pool of every layer. A sequence's page table lists the pool pages holding
-  its tokens [0, Z), [Z, 2Z), ... Page 0 is a sink that padding tokens write to: the host
-  never allocates it."""
-
-  k: jax.Array  # [L, N, Z, K, D]
-  v: jax.Array  # [L, N, Z, K, D]
-
-  @property
-  def page_size(self) -> int:
-    return self.k.shape[2]
-
-  @property
-  def num_pages(self) -> int:
-    return self.k.shape[1]
-
-  @classmethod
-  def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
-    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
 
 
 def _param(shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
@@ -49,8 +27,8 @@ def _param(shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
 class Llama(nnx.Module):
   """Decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP."""
 
-  def __init__(self, cfg: ModelConfig):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig, attention: AttentionBackend | None = None):
+    self.cfg, self.attention = cfg, attention or AttentionBackend()
     L, E, F, V = cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size
     H, K, D, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
     self.embed = _param((V, E), dt, ("vocab", "embed"))
@@ -94,11 +72,7 @@ class Llama(nnx.Module):
       w_down=self.w_down[...],
     )
 
-    if cache is not None:
-      slots = _cache_slots(positions, page_table, cache.page_size)
-      key_positions = jnp.arange(page_table.shape[1] * cache.page_size)[None, :]  # [1, S]
-    else:
-      key_positions = positions
+    slots = None if cache is None else cache_slots(positions, page_table, cache.page_size)
 
     def layer(carry, xs):
       x, kv = carry
@@ -109,9 +83,8 @@ class Llama(nnx.Module):
         k = apply_rope(jnp.einsum("BTE,EKD->BTKD", h, w["wk"]), cos, sin)
         v = jnp.einsum("BTE,EKD->BTKD", h, w["wv"])
         if kv is not None:
-          kv = KVCache(k=_write(kv.k, i, slots, k), v=_write(kv.v, i, slots, v))
-          k, v = _read(kv.k, i, page_table), _read(kv.v, i, page_table)
-        attn = attention(q, k, v, positions, key_positions)
+          kv = kv.write(i, slots, k, v)
+        attn = self.attention(q, k, v, positions, kv, i, page_table)
         x = x + jnp.einsum("BTHD,HDE->BTE", attn, w["wo"])
       with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
@@ -148,45 +121,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def attention(
-  q: jax.Array,  # [B, T, H, D]
-  k: jax.Array,  # [B, S, K, D]
-  v: jax.Array,  # [B, S, K, D]
-  q_pos: jax.Array,  # [B, T]; -1 = padding
-  k_pos: jax.Array,  # [B or 1, S]
-) -> jax.Array:
-  """The XLA attention path: causal by absolute position, GQA by grouping query heads."""
-  B, T, H, D = q.shape
-  K = k.shape[2]
-  qg = q.reshape(B, T, K, H // K, D)
-  scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (D**-0.5)
-  visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
-  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-  # A padding query sees no key; give it a finite row so no NaN leaks anywhere.
-  scores = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], scores, 0.0)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v)
-  return out.reshape(B, T, H, D)
-
-
-def _cache_slots(positions, page_table, page_size: int) -> tuple[jax.Array, jax.Array]:
-  """(page, offset) [B, T] in the pool of each token; padding goes to the reserved page 0."""
-  page = jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1)
-  valid = positions >= 0
-  return jnp.where(valid, page, 0), jnp.where(valid, positions % page_size, 0)
-
-
-def _write(pool: jax.Array, layer: jax.Array, slots, new: jax.Array) -> jax.Array:
-  """pool [L, N, Z, K, D] <- new [B, T, K, D] at slots (page, offset) [B, T] of one layer."""
-  page, offset = slots
-  return pool.at[layer, page, offset].set(new.astype(pool.dtype), mode="promise_in_bounds")
-
-
-def _read(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:
-  """The pages of each sequence, in order: [B, P*Z, K, D]."""
-  L, N, Z, K, D = pool.shape
-  B, P = page_table.shape
-  return pool[layer, page_table].reshape(B, P * Z, K, D)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.attention import AttentionBackend
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile, load_llama_weights
 from models.llama import Llama
@@ -94,15 +95,28 @@ def resolve(name_or_path: str) -> tuple[str, pathlib.Path]:
   )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32) -> Model:
-  """Loads a registered model or a .gguf file onto the default device."""
+def load_model(
+  name_or_path: str = DEFAULT_MODEL,
+  *,
+  dtype=jnp.float32,
+  attention: AttentionBackend | str | None = None,
+) -> Model:
+  """Loads a registered model or a .gguf file onto the default device.
+
+  attention: "xla", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or None
+  for the platform's default (pallas on TPU, xla elsewhere).
+  """
+  if attention is None:
+    attention = AttentionBackend.default_for(jax.default_backend())
+  elif isinstance(attention, str):
+    attention = AttentionBackend(attention)
   start = time.perf_counter()
   name, path = resolve(name_or_path)
   f = GGUFFile(path)
   config = dataclasses.replace(f.config(name), dtype=dtype)
   tokenizer = Tokenizer.from_gguf(f)
   weights = load_llama_weights(f, config)
-  module = nnx.eval_shape(lambda: Llama(config))
+  module = nnx.eval_shape(lambda: Llama(config, attention))
   state = nnx.state(module)
   for key, value in weights.items():
     param = state[key]

@@ -7,8 +7,8 @@ Mosaic (TPU) is the lowering target; `interpret=True` (or `pltpu.InterpretParams
 same kernels on CPU. Never imports engine or models.
 """
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.decode import ragged_paged_attention
+from pallas_kernels.prefill import BlockSizes, flash_attention
 from pallas_kernels.reference import (
   flash_attention_reference,
   ragged_paged_attention_reference,

@@ -1,0 +1,133 @@
+"""The paged KV cache and the attention backends that read it.
+
+One model, two attention backends chosen at configuration time:
+  xla     gathers a sequence's pages and runs masked softmax attention (the CPU default);
+  pallas  the kernels in `pallas_kernels/` (the TPU default; `interpret=True` runs them on CPU).
+
+Letters: B batch, T query tokens, S key tokens, L layers, H query heads, K kv heads,
+G = H // K, D head dim, N pool pages, Z page size, P pages per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models.config import ModelConfig
+from pallas_kernels import flash_attention, ragged_paged_attention
+
+
+@struct.dataclass
+class KVCache:
+  """The paged KV pool of every layer. A sequence's page table lists the pool pages holding
+  its tokens [0, Z), [Z, 2Z), ... Page 0 is a sink that padding tokens write to: the host
+  never allocates it."""
+
+  k: jax.Array  # [L, N, Z, K, D]
+  v: jax.Array  # [L, N, Z, K, D]
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def num_pages(self) -> int:
+    return self.k.shape[1]
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+
+  def write(self, layer: jax.Array, slots, k: jax.Array, v: jax.Array) -> KVCache:
+    """Stores k, v [B, T, K, D] of one layer at slots (page, offset) [B, T]."""
+    page, offset = slots
+    return KVCache(
+      k=self.k.at[layer, page, offset].set(k.astype(self.k.dtype), mode="promise_in_bounds"),
+      v=self.v.at[layer, page, offset].set(v.astype(self.v.dtype), mode="promise_in_bounds"),
+    )
+
+  def gather(self, layer: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each sequence's pages of one layer, in order: k, v [B, P*Z, K, D]."""
+    B, P = page_table.shape
+    _, _, Z, K, D = self.k.shape
+    return (
+      self.k[layer, page_table].reshape(B, P * Z, K, D),
+      self.v[layer, page_table].reshape(B, P * Z, K, D),
+    )
+
+
+def cache_slots(positions, page_table, page_size: int) -> tuple[jax.Array, jax.Array]:
+  """(page, offset) [B, T] in the pool of each token; padding goes to the sink page 0."""
+  page = jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1)
+  valid = positions >= 0
+  return jnp.where(valid, page, 0), jnp.where(valid, positions % page_size, 0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionBackend:
+  """Which attention implementation the model traces. Static: part of the model's graph."""
+
+  kind: Literal["xla", "pallas"] = "xla"
+  interpret: bool = False  # pallas only: run the kernels in interpret mode (CPU)
+
+  def __post_init__(self):
+    if self.kind not in ("xla", "pallas"):
+      raise ValueError(f"attention: unknown backend {self.kind!r}; use 'xla' or 'pallas'")
+
+  @classmethod
+  def default_for(cls, platform: str) -> AttentionBackend:
+    # Our kernels lower through Mosaic; GPU keeps XLA until a Triton variant exists.
+    return cls("pallas") if platform == "tpu" else cls("xla")
+
+  def __call__(
+    self,
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, T, K, D]: this step's keys (already written to `cache`, if any)
+    v: jax.Array,  # [B, T, K, D]
+    positions: jax.Array,  # [B, T]; -1 = padding
+    cache: KVCache | None,
+    layer: jax.Array,
+    page_table: jax.Array | None,  # [B, P]
+  ) -> jax.Array:
+    if self.kind == "xla":
+      if cache is None:
+        return xla_attention(q, k, v, positions, positions)
+      k_all, v_all = cache.gather(layer, page_table)
+      key_positions = jnp.arange(k_all.shape[1])[None, :]
+      return xla_attention(q, k_all, v_all, positions, key_positions)
+    if cache is None or q.shape[1] > 1:
+      # Prefill: every row starts at position 0, so its keys are exactly this step's tokens
+      # (padding sits after them and only padded queries can see it).
+      return flash_attention(q, k, v, causal=True, interpret=self.interpret)
+    kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
+    out = ragged_paged_attention(
+      q[:, 0], cache.k[layer], cache.v[layer], kv_lens, page_table, interpret=self.interpret
+    )
+    return out[:, None]
+
+
+def xla_attention(
+  q: jax.Array,  # [B, T, H, D]
+  k: jax.Array,  # [B, S, K, D]
+  v: jax.Array,  # [B, S, K, D]
+  q_pos: jax.Array,  # [B, T]; -1 = padding
+  k_pos: jax.Array,  # [B or 1, S]
+) -> jax.Array:
+  """Masked softmax attention, causal by absolute position, GQA by grouping query heads."""
+  B, T, H, D = q.shape
+  K = k.shape[2]
+  qg = q.reshape(B, T, K, H // K, D)
+  scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (D**-0.5)
+  visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
+  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+  # A padding query sees no key; give it a finite row so no NaN leaks anywhere.
+  scores = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], scores, 0.0)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v)
+  return out.reshape(B, T, H, D)
