@@ -161,6 +161,12 @@ def ragged_paged_attention(
       ],
     ),
     out_shape=jax.ShapeDtypeStruct((B, H, D), q.dtype),
+    # An upper bound: lengths are dynamic, so count every page the tables could name.
+    cost_estimate=pl.CostEstimate(
+      flops=4 * B * H * P * Z * K * D,
+      transcendentals=B * H * P * Z * K,
+      bytes_accessed=q.dtype.itemsize * (2 * B * H * D + 2 * B * P * Z * K * D) + 4 * B * (P + 1),
+    ),
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
     interpret=interpret,
   )(kv_lens, page_indices, q, k_flat, v_flat)

@@ -102,6 +102,28 @@ def _kernel(
     o_ref[...] = online_softmax.finalize(l_ref, acc_ref, o_ref.dtype)
 
 
+def _cost(B, H, T, S, D, bq, bk, itemsize, causal, window) -> pl.CostEstimate:
+  """What the kernel does, counted exactly from the static shapes, for XLA's scheduler and
+  cost model (a custom call is otherwise opaque to it)."""
+  offset = S - T
+  pairs = 0  # visible (query, key) pairs of one head
+  for i in range(T):
+    q_pos = offset + i
+    lo = 0 if not causal or window is None else max(0, q_pos - window + 1)
+    pairs += (q_pos + 1 - lo) if causal else S
+  key_blocks = 0  # key blocks read per head, summed over query blocks
+  for i in range(-(-T // bq)):
+    q_first = offset + i * bq
+    last = min((q_first + bq - 1) // bk, (S - 1) // bk) if causal else (S - 1) // bk
+    first = 0 if not causal or window is None else max(0, q_first - window + 1) // bk
+    key_blocks += last - first + 1
+  return pl.CostEstimate(
+    flops=4 * B * H * pairs * D,
+    transcendentals=B * H * pairs,
+    bytes_accessed=itemsize * B * H * D * (2 * T + 2 * key_blocks * bk),
+  )
+
+
 def _validate(q, k, v, sliding_window):
   if q.ndim != 4:
     raise ValueError(f"q: expected [B, T, H, D], got shape {q.shape}")
@@ -190,6 +212,7 @@ def flash_attention(
       pltpu.VMEM((bq, D), jnp.float32),
     ],
     out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype),
+    cost_estimate=_cost(B, H, T, S, D, bq, bk, q.dtype.itemsize, causal, sliding_window),
     compiler_params=pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     ),

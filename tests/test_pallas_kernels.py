@@ -224,3 +224,14 @@ def test_ragged_paged_attention_compiles_for_tpu(tpu_device, dtype):
   )
   compiled = ragged_paged_attention.lower(*args).compile()
   assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_flash_cost_estimate_counts_visible_pairs():
+  from pallas_kernels.prefill import _cost
+
+  # T = S = 4, causal: 1 + 2 + 3 + 4 visible pairs; window 2: 1 + 2 + 2 + 2.
+  assert _cost(1, 1, 4, 4, 1, 16, 16, 4, True, None).flops == 4 * 10
+  assert _cost(1, 1, 4, 4, 1, 16, 16, 4, True, 2).transcendentals == 7
+  assert _cost(1, 1, 4, 4, 1, 16, 16, 4, False, None).flops == 4 * 16
+  # A 2-query chunk after 3 cached keys sees 4 + 5 keys.
+  assert _cost(2, 3, 2, 5, 8, 16, 16, 2, True, None).flops == 4 * 2 * 3 * 9 * 8
