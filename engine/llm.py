@@ -57,7 +57,7 @@ class LLM:
   ) -> list[RequestOutput]:
     """Completes each prompt (text, or token ids). `on_delta(i, text)` streams prompt i's text
     as it is produced."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
       prompts = [prompts]
     if not prompts:
       raise ValueError("prompts: nothing to generate for")

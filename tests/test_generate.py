@@ -170,3 +170,9 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
 def test_engine_config_validation():
   with pytest.raises(ValueError, match="max_model_len"):
     EngineConfig(max_model_len=100, page_size=16)
+
+
+def test_numpy_token_ids_are_one_prompt(llm, golden):
+  ids = golden.case(0)["ids"]  # np.int32 array
+  out = llm.generate(ids, SamplingParams(max_tokens=3))
+  assert len(out) == 1 and out[0].token_ids == golden.case(0)["greedy"][:3].tolist()
