@@ -106,7 +106,8 @@ class LLM:
     T = bucket(max(len(r.prompt_ids) for r in group), cfg.prefill_buckets)
     longest = max(min(len(r.prompt_ids) + r.params.max_tokens, cfg.max_model_len) for r in group)
     P = bucket(math.ceil(longest / cfg.page_size), cfg.page_buckets)
-    if cfg.num_pages - 1 < B * P:  # the pool cannot hold the whole group: split it
+    pages_needed, allocatable = B * P, cfg.num_pages - 1  # page 0 is the padding sink
+    if pages_needed > allocatable:  # the pool cannot hold the whole group: split it
       half = len(group) // 2
       if half == 0:
         raise ValueError(f"a request needs {P} pages but the pool has {cfg.num_pages}")

@@ -34,10 +34,6 @@ class KVCache:
   def page_size(self) -> int:
     return self.k.shape[2]
 
-  @property
-  def num_pages(self) -> int:
-    return self.k.shape[1]
-
   @classmethod
   def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
