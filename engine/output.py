@@ -10,12 +10,42 @@ from models import IncrementalDetokenizer, Tokenizer
 FinishReason = Literal["stop", "length", "abort"]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+  """A sampled token's log-probability and, when asked, the likeliest alternatives'."""
+
+  token_id: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestTiming:
+  """Seconds from the request's arrival (None: not reached yet)."""
+
+  queued_s: float | None = None  # until first scheduled
+  first_token_s: float | None = None
+  finished_s: float | None = None
+
+
 @dataclasses.dataclass
 class RequestOutput:
+  """A request's state after a step: everything so far, plus what this step added."""
+
+  request_id: str
   prompt_token_ids: list[int]
   token_ids: list[int]
   text: str
   finish_reason: FinishReason | None
+  new_token_ids: list[int] = dataclasses.field(default_factory=list)
+  new_text: str = ""
+  logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+  num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+  timing: RequestTiming = RequestTiming()
+
+  @property
+  def finished(self) -> bool:
+    return self.finish_reason is not None
 
 
 class TextStream:

@@ -1,9 +1,13 @@
 """Per-request sampling parameters and the batched, jitted sampler.
 
-Every row of a batch carries its own temperature, top-k, top-p and PRNG key, so one compiled
-sampler serves any mix of requests. A request's key is derived from its seed and the index of
-the token being sampled, never from its batch slot: the same seed and prompt give the same
-output whatever else shares the batch.
+Every row of a batch carries its own penalties, temperature, top-k, top-p, min-p and PRNG key,
+so one compiled sampler serves any mix of requests. A request's key is derived from its seed
+and the index of the token being sampled, never from its batch slot: the same seed and prompt
+give the same output whatever else shares the batch.
+
+Order of operations on a row's logits: repetition / presence / frequency penalties, then
+temperature, then top-k, top-p and min-p, then the draw (argmax at temperature 0). Logprobs are
+those of the model's own distribution (log_softmax of the raw logits), as in vLLM.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask logprobs for
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -24,15 +30,20 @@ class SamplingParams:
   temperature: float = 0.0
   top_k: int = 0  # 0 = no limit
   top_p: float = 1.0
+  min_p: float = 0.0  # drop tokens less likely than min_p * the likeliest one's probability
+  repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (HF style)
+  presence_penalty: float = 0.0  # subtracted once from each token already in the output
+  frequency_penalty: float = 0.0  # subtracted per occurrence in the output
   seed: int | None = None  # None: a fresh random seed per request
   stop: tuple[str, ...] = ()
+  stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  logprobs: int | None = None  # None: none; n: the chosen token's and the top-n alternatives'
 
   def __post_init__(self):
-    if isinstance(self.stop, str):
-      object.__setattr__(self, "stop", (self.stop,))
-    else:
-      object.__setattr__(self, "stop", tuple(self.stop))
+    for name in ("stop", "stop_token_ids"):
+      value = getattr(self, name)
+      object.__setattr__(self, name, (value,) if isinstance(value, str | int) else tuple(value))
     if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
       raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
     if not self.temperature >= 0.0:
@@ -41,32 +52,104 @@ class SamplingParams:
       raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+    if not self.repetition_penalty > 0.0:
+      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not -2.0 <= getattr(self, name) <= 2.0:
+        raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+    if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+      raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     if any(not s for s in self.stop):
       raise ValueError("stop: stop strings must be non-empty")
+    if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+      raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+    if self.logprobs is not None and not (
+      isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS
+    ):
+      raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+  @property
+  def penalized(self) -> bool:
+    return (
+      self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
-  """SamplingParams of a batch as arrays, one row per slot (host side, numpy)."""
+  """SamplingParams of a batch as arrays, one row per slot (host side, numpy).
+
+  `history` holds each row's tokens so far (prompt then output, -1 padding) for the penalties;
+  it is [B, 1] when no row is penalized, so unpenalized batches carry no history at all.
+  """
 
   temperature: np.ndarray  # [B] float32
   top_k: np.ndarray  # [B] int32, 0 = off
   top_p: np.ndarray  # [B] float32
+  min_p: np.ndarray  # [B] float32
+  repetition_penalty: np.ndarray  # [B] float32
+  presence_penalty: np.ndarray  # [B] float32
+  frequency_penalty: np.ndarray  # [B] float32
   seed: np.ndarray  # [B] uint32
+  history: np.ndarray  # [B, W] int32, -1 = none
+  prompt_len: np.ndarray  # [B] int32: history[:, prompt_len:] is output
 
   @classmethod
-  def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], batch: int):
+  def build(
+    cls,
+    params: Sequence[SamplingParams],
+    seeds: Sequence[int],
+    batch: int,
+    histories: Sequence[Sequence[int]] = (),
+    prompt_lens: Sequence[int] = (),
+    history_width: int = 1,
+  ) -> SamplingBatch:
+    """Rows for `params` (padded to `batch`). Pass `histories`, `prompt_lens` and a
+    `history_width` (a fixed bucket) when any row is penalized."""
     pad = batch - len(params)
+
+    def column(name, fill, dtype):
+      return np.array([getattr(p, name) for p in params] + [fill] * pad, dtype)
+
+    history = np.full((batch, history_width), -1, np.int32)
+    lens = np.zeros(batch, np.int32)
+    if history_width > 1:
+      for i, (p, ids, n) in enumerate(zip(params, histories, prompt_lens, strict=True)):
+        if p.penalized:
+          history[i, : len(ids)], lens[i] = ids, n
     return cls(
-      temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
-      top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
-      top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
+      temperature=column("temperature", 0.0, np.float32),
+      top_k=column("top_k", 0, np.int32),
+      top_p=column("top_p", 1.0, np.float32),
+      min_p=column("min_p", 0.0, np.float32),
+      repetition_penalty=column("repetition_penalty", 1.0, np.float32),
+      presence_penalty=column("presence_penalty", 0.0, np.float32),
+      frequency_penalty=column("frequency_penalty", 0.0, np.float32),
       seed=np.array(list(seeds) + [0] * pad, np.uint32),
+      history=history,
+      prompt_len=lens,
     )
 
 
 jax.tree_util.register_dataclass(
-  SamplingBatch, data_fields=["temperature", "top_k", "top_p", "seed"], meta_fields=[]
+  SamplingBatch, data_fields=[f.name for f in dataclasses.fields(SamplingBatch)], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+  """What the sampler returns per row (device arrays inside jit, numpy after the transfer)."""
+
+  tokens: jax.Array  # [B] int32
+  logprob: jax.Array  # [B] float32: log-probability of the chosen token
+  top_ids: jax.Array  # [B, n] int32: the n likeliest tokens (n = 0 unless asked)
+  top_logprobs: jax.Array  # [B, n] float32
+
+
+jax.tree_util.register_dataclass(
+  Sampled, data_fields=["tokens", "logprob", "top_ids", "top_logprobs"], meta_fields=[]
 )
 
 
@@ -74,12 +157,17 @@ def sample(
   logits: jax.Array,  # [B, V] float32
   params: SamplingBatch,
   step: jax.Array,  # [B] int32: index of the token being sampled within its request
-) -> jax.Array:
-  """Next token ids [B] int32. Traced inside the model step, so sampling costs no host sync.
+  num_top: int = 0,  # static: how many alternatives to return logprobs for
+) -> Sampled:
+  """Picks the next token of each row. Traced inside the model step, so sampling costs no host
+  sync.
 
   The batch takes the cheapest branch that serves all its rows: argmax only; a draw from the
   full distribution; or the sort that top-k / top-p need (costly on CPU: ~10 ms a row).
   """
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  if params.history.shape[1] > 1:  # static: some row is penalized
+    logits = _apply_penalties(logits, params)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]
   sampled = params.temperature > 0.0
@@ -90,6 +178,9 @@ def sample(
     [lambda x: x, lambda x: x, lambda x: _top_k_top_p(x, params.top_k, params.top_p)],
     scaled,
   )
+  # min-p: keep tokens whose probability is at least min_p times the likeliest one's.
+  cutoff = jnp.max(masked, axis=-1, keepdims=True) + jnp.log(params.min_p)[:, None]
+  masked = jnp.where(masked >= cutoff, masked, -jnp.inf)
 
   def draw(seed, index, row):
     key = jax.random.fold_in(jax.random.key(seed), index)
@@ -100,7 +191,25 @@ def sample(
     lambda: jax.vmap(draw)(params.seed, step, masked).astype(jnp.int32),
     lambda: greedy,
   )
-  return jnp.where(sampled, drawn, greedy)
+  tokens = jnp.where(sampled, drawn, greedy)
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+  top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+  return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _apply_penalties(logits: jax.Array, params: SamplingBatch) -> jax.Array:
+  """Repetition penalty over prompt and output tokens; presence and frequency over output."""
+  B, V = logits.shape
+  history = params.history
+  rows = jnp.broadcast_to(jnp.arange(B)[:, None], history.shape)
+  ids = jnp.where(history >= 0, history, V)  # padding scatters out of bounds and is dropped
+  is_output = jnp.arange(history.shape[1])[None, :] >= params.prompt_len[:, None]
+  seen = jnp.zeros((B, V), bool).at[rows, ids].set(True, mode="drop")
+  counts = jnp.zeros((B, V), jnp.float32).at[rows, ids].add(is_output, mode="drop")
+  rep = params.repetition_penalty[:, None]
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+  logits -= params.frequency_penalty[:, None] * counts
+  return logits - params.presence_penalty[:, None] * (counts > 0)
 
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

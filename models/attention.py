@@ -90,16 +90,25 @@ class AttentionBackend:
     layer: jax.Array,
     page_table: jax.Array | None,  # [B, P]
   ) -> jax.Array:
-    if self.kind == "xla":
-      if cache is None:
-        return xla_attention(q, k, v, positions, positions)
+    def paged_xla():
       k_all, v_all = cache.gather(layer, page_table)
       key_positions = jnp.arange(k_all.shape[1])[None, :]
       return xla_attention(q, k_all, v_all, positions, key_positions)
-    if cache is None or q.shape[1] > 1:
-      # Prefill: every row starts at position 0, so its keys are exactly this step's tokens
-      # (padding sits after them and only padded queries can see it).
+
+    def fresh_flash():
+      # Every row starts at position 0, so its keys are exactly this step's tokens (padding
+      # sits after them and only padded queries can see it).
       return flash_attention(q, k, v, causal=True, interpret=self.interpret)
+
+    if self.kind == "xla":
+      return xla_attention(q, k, v, positions, positions) if cache is None else paged_xla()
+    if cache is None:
+      return fresh_flash()
+    if q.shape[1] > 1:
+      # A prefill chunk that continues a cached prefix (chunked prefill, prefix cache hit)
+      # must also see the pages before it; until a paged prefill kernel exists, such steps
+      # take the XLA path.
+      return jax.lax.cond(jnp.all(positions[:, 0] <= 0), fresh_flash, paged_xla)
     kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
     out = ragged_paged_attention(
       q[:, 0], cache.k[layer], cache.v[layer], kv_lens, page_table, interpret=self.interpret

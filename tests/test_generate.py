@@ -102,7 +102,7 @@ def test_sampler_follows_the_distribution():
   def draws(**kw):
     p = SamplingParams(temperature=1.0, **kw)
     batch = SamplingBatch.build([p] * n, list(range(n)), n)
-    return np.asarray(jax.jit(sample)(np.repeat(logits, n, 0), batch, np.zeros(n, np.int32)))
+    return np.asarray(jax.jit(sample)(np.repeat(logits, n, 0), batch, np.zeros(n, np.int32)).tokens)
 
   freq = np.bincount(draws(), minlength=4) / n
   np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.04)

@@ -1,0 +1,81 @@
+"""A request's host-side state as it moves waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from engine.output import FinishReason, RequestOutput, RequestTiming, TextStream, TokenLogprob
+from engine.sampling import SamplingParams
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """`token_ids` is the prompt followed by the output so far. `num_computed` of them have
+  their KV in the pool; the scheduler's job is to bring it up to `len(token_ids)`, at which
+  point the step samples the next token."""
+
+  request_id: str
+  token_ids: list[int]
+  prompt_len: int
+  params: SamplingParams
+  seed: int
+  stream: TextStream
+  arrival: float = dataclasses.field(default_factory=time.perf_counter)
+  num_computed: int = 0
+  num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+  num_preemptions: int = 0
+  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+  finish_reason: FinishReason | None = None
+  scheduled_at: float | None = None
+  first_token_at: float | None = None
+  finished_at: float | None = None
+  _reported: int = 0  # output tokens already handed out in an update
+  _reported_text: int = 0
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.token_ids)
+
+  @property
+  def output_ids(self) -> list[int]:
+    return self.token_ids[self.prompt_len :]
+
+  @property
+  def num_output(self) -> int:
+    return len(self.token_ids) - self.prompt_len
+
+  @property
+  def finished(self) -> bool:
+    return self.finish_reason is not None
+
+  def finish(self, reason: FinishReason) -> None:
+    self.finish_reason = reason
+    self.finished_at = time.perf_counter()
+
+  def timing(self) -> RequestTiming:
+    def since(t):
+      return None if t is None else t - self.arrival
+
+    return RequestTiming(
+      since(self.scheduled_at), since(self.first_token_at), since(self.finished_at)
+    )
+
+  def output(self) -> RequestOutput:
+    """The request so far, with what changed since the last call as `new_*`."""
+    text = self.stream.text
+    new_ids = self.token_ids[self.prompt_len + self._reported :]
+    new_text = text[self._reported_text :]
+    self._reported, self._reported_text = self.num_output, len(text)
+    return RequestOutput(
+      request_id=self.request_id,
+      prompt_token_ids=self.token_ids[: self.prompt_len],
+      token_ids=self.output_ids,
+      text=text,
+      finish_reason=self.finish_reason,
+      new_token_ids=new_ids,
+      new_text=new_text,
+      logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+      num_cached_tokens=self.num_cached_tokens,
+      timing=self.timing(),
+    )

@@ -1,0 +1,138 @@
+"""The scheduler: which requests run this step and how many of their tokens (pure Python).
+
+Each step hands out a token budget. Running requests come first, oldest first: a decoding
+request takes one token, a request still prefilling takes the next chunk of its prompt, so a
+long prompt is prefilled over several steps while the others keep decoding. Waiting requests
+are then admitted in arrival order while the budget, the batch and the page pool allow.
+
+When the pool cannot grow a running request, the newest running request is preempted: its
+pages are freed and it goes back to the front of the queue with its output kept, to be
+recomputed (its full pages usually come straight back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+from engine.kv_manager import PageAllocator
+from engine.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+  """Tokens [start, start + length) of a request, computed this step."""
+
+  request: Request
+  start: int
+  length: int
+
+  @property
+  def completes(self) -> bool:
+    """After this chunk the request's KV is complete and its next token is sampled."""
+    return self.start + self.length == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class Schedule:
+  prefills: list[Chunk]  # multi-token chunks
+  decodes: list[Chunk]  # one-token chunks
+  preempted: list[Request]
+
+  @property
+  def empty(self) -> bool:
+    return not (self.prefills or self.decodes)
+
+
+class Scheduler:
+  def __init__(
+    self,
+    allocator: PageAllocator,
+    *,
+    max_batch: int,
+    max_num_batched_tokens: int,
+    max_prefill_seqs: int,
+  ):
+    self.allocator = allocator
+    self.max_batch = max_batch
+    self.max_num_batched_tokens = max_num_batched_tokens
+    self.max_prefill_seqs = max_prefill_seqs
+    self.waiting: collections.deque[Request] = collections.deque()
+    self.running: list[Request] = []  # in admission order: the newest is preempted first
+    self.num_preemptions = 0
+
+  def __len__(self) -> int:
+    return len(self.waiting) + len(self.running)
+
+  def add(self, request: Request) -> None:
+    self.waiting.append(request)
+
+  def remove(self, request: Request) -> None:
+    """Drops a finished or aborted request and returns its pages at once."""
+    if request in self.running:
+      self.running.remove(request)
+    elif request in self.waiting:
+      self.waiting.remove(request)
+    self.allocator.free(request.request_id)
+
+  def schedule(self) -> Schedule:
+    budget = self.max_num_batched_tokens
+    out = Schedule([], [], [])
+
+    def take(request: Request, length: int) -> None:
+      nonlocal budget
+      chunk = Chunk(request, request.num_computed, length)
+      (out.decodes if length == 1 else out.prefills).append(chunk)
+      budget -= length
+
+    i = 0
+    while i < len(self.running) and budget > 0:
+      request = self.running[i]
+      length = min(request.num_tokens - request.num_computed, budget)
+      if length > 1 and len(out.prefills) >= self.max_prefill_seqs:
+        i += 1  # its next chunk waits a step
+        continue
+      while self.allocator.allocate(request.request_id, request.num_computed + length) is None:
+        victim = self.running.pop()
+        self._preempt(victim)
+        out.preempted.append(victim)
+        if victim is request:
+          break
+      else:
+        take(request, length)
+        i += 1
+        continue
+      break  # the request itself was preempted: it was the newest, nothing is left
+
+    while self.waiting and budget > 0 and len(self.running) < self.max_batch and not out.preempted:
+      request = self.waiting[0]
+      if request.num_computed == 0:
+        cached = self.allocator.match_prefix(request.request_id, request.token_ids)
+        request.num_computed = cached
+        if request.scheduled_at is None:
+          request.num_cached_tokens = cached
+      length = min(request.num_tokens - request.num_computed, budget)
+      if length > 1 and len(out.prefills) >= self.max_prefill_seqs:
+        break
+      if self.allocator.allocate(request.request_id, request.num_computed + length) is None:
+        self.allocator.free(request.request_id)  # let go of the prefix pages it adopted
+        request.num_computed = 0
+        break
+      self.waiting.popleft()
+      self.running.append(request)
+      if request.scheduled_at is None:
+        request.scheduled_at = time.perf_counter()
+      take(request, length)
+    return out
+
+  def _preempt(self, request: Request) -> None:
+    self.allocator.free(request.request_id)
+    request.num_computed = 0
+    request.num_preemptions += 1
+    self.num_preemptions += 1
+    self.waiting.appendleft(request)
+    log.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
