@@ -117,7 +117,7 @@ class Engine:
       running=len(self.scheduler.running),
       free_pages=self.allocator.num_free,
       total_pages=self.config.num_pages - 1,
-      prefix_cache_hit_pages=self.allocator.hits,
+      cached_tokens=self.scheduler.num_cached_tokens,
       preemptions=self.scheduler.num_preemptions,
       steps=self.num_steps,
     )

@@ -41,7 +41,6 @@ class PageAllocator:
     self.page_key: dict[int, bytes] = {}  # page -> its hash, for pages in `cached`
     self.tables: dict[str, list[int]] = {}  # request id -> page table
     self.hashed: dict[str, int] = {}  # request id -> number of its leading pages in `cached`
-    self.hits = 0  # pages served from the prefix cache, since start
 
   @property
   def num_free(self) -> int:
@@ -66,7 +65,6 @@ class PageAllocator:
       self._ref(page)
     self.tables[request_id] = pages
     self.hashed[request_id] = len(pages)
-    self.hits += len(pages)
     return len(pages) * self.page_size
 
   def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:

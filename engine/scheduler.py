@@ -64,6 +64,7 @@ class Scheduler:
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: list[Request] = []  # in admission order: the newest is preempted first
     self.num_preemptions = 0
+    self.num_cached_tokens = 0  # tokens admitted straight from the prefix cache, since start
 
   def __len__(self) -> int:
     return len(self.waiting) + len(self.running)
@@ -116,14 +117,15 @@ class Scheduler:
         if request.scheduled_at is None:
           request.num_cached_tokens = cached
       length = min(request.num_tokens - request.num_computed, budget)
-      if length > 1 and len(out.prefills) >= self.max_prefill_seqs:
-        break
-      if self.allocator.allocate(request.request_id, request.num_computed + length) is None:
+      if (length > 1 and len(out.prefills) >= self.max_prefill_seqs) or (
+        self.allocator.allocate(request.request_id, request.num_computed + length) is None
+      ):
         self.allocator.free(request.request_id)  # let go of the prefix pages it adopted
         request.num_computed = 0
         break
       self.waiting.popleft()
       self.running.append(request)
+      self.num_cached_tokens += request.num_computed
       if request.scheduled_at is None:
         request.scheduled_at = time.perf_counter()
       take(request, length)

@@ -176,3 +176,37 @@ def test_numpy_token_ids_are_one_prompt(llm, golden):
   ids = golden.case(0)["ids"]  # np.int32 array
   out = llm.generate(ids, SamplingParams(max_tokens=3))
   assert len(out) == 1 and out[0].token_ids == golden.case(0)["greedy"][:3].tolist()
+
+
+def test_min_p_keeps_tokens_near_the_top():
+  from engine.sampling import sample
+
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  n = 1000
+  batch = SamplingBatch.build([SamplingParams(temperature=1.0, min_p=0.5)] * n, range(n), n)
+  drawn = np.asarray(jax.jit(sample)(np.repeat(logits, n, 0), batch, np.zeros(n, np.int32)).tokens)
+  assert set(np.unique(drawn)) == {0, 1}  # 0.3 >= 0.5 * 0.5 > 0.15
+
+
+def test_penalties_match_a_numpy_reference():
+  """Repetition penalty on prompt and output tokens, presence and frequency on output only."""
+  from engine.sampling import _apply_penalties
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 12)).astype(np.float32)
+  history = [[1, 2, 3, 3, 5, 5, 5], [4, 4, 7]]  # row 0: prompt [1, 2, 3], output [3, 5, 5, 5]
+  params = [
+    SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+    SamplingParams(repetition_penalty=0.8),
+  ]
+  batch = SamplingBatch.build(params, [0, 0], 2, history, [3, 1], history_width=8)
+  got = np.asarray(jax.jit(_apply_penalties)(logits, batch))
+  want = logits.copy()
+  for row, (ids, p, prompt_len) in enumerate(zip(history, params, [3, 1], strict=True)):
+    for t in set(ids):
+      x = want[row, t]
+      want[row, t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+    out = ids[prompt_len:]
+    for t in set(out):
+      want[row, t] -= p.presence_penalty + p.frequency_penalty * out.count(t)
+  np.testing.assert_allclose(got, want, rtol=1e-6)

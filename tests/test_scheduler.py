@@ -1,0 +1,162 @@
+"""The page allocator and the scheduler, on the host alone (no model).
+
+The fuzz test drives them the way the engine does, with a fake device: a dict that records
+which (request, position) token every pool slot holds. Reading a request's KV through its page
+table must give back exactly its own tokens, whatever else happened to the pool.
+"""
+
+import random
+
+import pytest
+
+from engine.kv_manager import PageAllocator, page_hashes
+from engine.output import TextStream
+from engine.request import Request
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+
+
+class _NoTokenizer:
+  def decode(self, ids):
+    return ""
+
+
+def _request(rid, tokens, max_tokens=8):
+  params = SamplingParams(max_tokens=max_tokens)
+  return Request(rid, list(tokens), len(tokens), params, 0, TextStream(_NoTokenizer(), ()))
+
+
+def test_allocate_grows_tables_and_reports_exhaustion():
+  alloc = PageAllocator(num_pages=5, page_size=4)  # pages 1..4 usable
+  assert alloc.num_free == 4
+  assert alloc.allocate("a", 5) == alloc.table("a") and len(alloc.table("a")) == 2
+  assert len(alloc.allocate("a", 8)) == 2  # still fits in two pages
+  assert alloc.allocate("b", 13) is None  # needs four, two are free
+  assert alloc.table("b") == [] and alloc.num_free == 2
+  alloc.allocate("b", 8)
+  assert alloc.num_free == 0 and 0 not in alloc.table("a") + alloc.table("b")
+  alloc.free("a")
+  alloc.free("b")
+  assert alloc.num_free == 4
+
+
+def test_prefix_pages_are_shared_and_evicted_last():
+  alloc = PageAllocator(num_pages=9, page_size=4)
+  prompt = list(range(10))  # two full pages and a partial one
+  alloc.allocate("a", len(prompt))
+  alloc.commit("a", prompt, len(prompt))
+  assert alloc.match_prefix("b", prompt) == 8  # both full pages, shared
+  assert alloc.table("b") == alloc.table("a")[:2]
+  assert alloc.refs[alloc.table("a")[0]] == 2
+  # The last token is always left to compute, even when every page is cached.
+  assert alloc.match_prefix("c", prompt[:8]) == 4
+  for rid in "abc":
+    alloc.free(rid)
+  assert alloc.num_free == 8
+  # Freed cached pages survive until the free queue reaches them.
+  assert alloc.match_prefix("d", prompt) == 8
+  alloc.free("d")
+  alloc.allocate("e", 4 * 6)  # six fresh pages: the partial page and the unused ones go first
+  assert alloc.match_prefix("f", prompt) == 8
+  alloc.free("f")
+  alloc.allocate("g", 4 * 2)  # now the cached prefix must be evicted
+  assert alloc.match_prefix("h", prompt) == 0
+
+
+def test_page_hashes_chain_over_the_whole_prefix():
+  a = page_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4, 2)
+  b = page_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4, 2)
+  assert a[0] != b[0] and a[1] != b[1]  # same second page, different prefix
+
+
+def test_scheduler_chunks_long_prompts_under_the_budget():
+  alloc = PageAllocator(num_pages=64, page_size=4)
+  sched = Scheduler(alloc, max_batch=8, max_num_batched_tokens=16, max_prefill_seqs=4)
+  short = _request("short", range(3))
+  sched.add(short)
+  step = sched.schedule()
+  assert [(c.request, c.length) for c in step.prefills] == [(short, 3)]
+  short.num_computed += 3
+  short.token_ids.append(7)
+  long = _request("long", range(100, 140))  # 40 tokens, over the budget of 16
+  sched.add(long)
+  chunks = []
+  while long.num_computed < long.num_tokens:
+    step = sched.schedule()
+    assert [c.request for c in step.decodes] == [short]  # the short one keeps decoding
+    assert sum(c.length for c in step.prefills + step.decodes) <= 16
+    for c in step.prefills + step.decodes:
+      c.request.num_computed += c.length
+      if c.completes and c.request is short:
+        short.token_ids.append(7)
+    chunks += [c.length for c in step.prefills]
+  assert chunks == [15, 15, 10]
+
+
+def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
+  rng = random.Random(seed)
+  page_size = 4
+  alloc = PageAllocator(num_pages=18, page_size=page_size, prefix_caching=prefix_caching)
+  sched = Scheduler(alloc, max_batch=6, max_num_batched_tokens=24, max_prefill_seqs=3)
+  # The fake device: slot -> the tokens its KV depends on (all of the sequence up to it).
+  pool: dict[tuple[int, int], tuple[int, ...]] = {}
+  live: dict[str, Request] = {}
+  prefixes = [[rng.randrange(50) for _ in range(rng.randrange(1, 40))] for _ in range(6)]
+  max_len = 64
+  served = 0
+
+  def next_token(tokens):  # a deterministic "model"
+    return (sum(tokens) * 31 + len(tokens)) % 50
+
+  for event in range(events):
+    roll = rng.random()
+    if roll < 0.15 and len(live) < 12:
+      base = rng.choice(prefixes)
+      prompt = base + [rng.randrange(50) for _ in range(rng.randrange(0, 3))]
+      rid = f"r{event}"
+      live[rid] = _request(rid, prompt[: max_len - 24], max_tokens=rng.randrange(1, 25))
+      sched.add(live[rid])
+    elif roll < 0.2 and live:
+      victim = live.pop(rng.choice(sorted(live)))
+      sched.remove(victim)
+    else:
+      step = sched.schedule()
+      for c in step.prefills + step.decodes:
+        r, table = c.request, alloc.table(c.request.request_id)
+        assert 0 not in table
+        # Every token this request already computed must read back as its own.
+        for pos in range(c.start):
+          slot = (table[pos // page_size], pos % page_size)
+          assert pool[slot] == tuple(r.token_ids[: pos + 1]), (r.request_id, pos)
+        for pos in range(c.start, c.start + c.length):
+          pool[(table[pos // page_size], pos % page_size)] = tuple(r.token_ids[: pos + 1])
+        r.num_computed += c.length
+        alloc.commit(r.request_id, r.token_ids, r.num_computed)
+        if c.completes:
+          r.token_ids.append(next_token(r.token_ids))
+          if r.num_output >= r.params.max_tokens:
+            sched.remove(r)
+            del live[r.request_id]
+            served += 1
+    # Invariants after every event.
+    in_use = {}
+    for table in alloc.tables.values():
+      assert len(set(table)) == len(table)
+      for page in table:
+        in_use[page] = in_use.get(page, 0) + 1
+    assert all(alloc.refs[p] == n for p, n in in_use.items())
+    assert alloc.num_free + len(in_use) == alloc.num_pages - 1
+    assert not set(in_use) & set(alloc.free_queue)
+    if not prefix_caching:
+      assert all(n == 1 for n in in_use.values())
+  for r in list(live.values()):
+    sched.remove(r)
+  assert alloc.num_free == alloc.num_pages - 1 and not alloc.tables
+  assert served > 20 and sched.num_preemptions > 0
+  assert (sched.num_cached_tokens > 0) == prefix_caching
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_fuzz_no_leaks_no_foreign_kv(prefix_caching):
+  for seed in range(5):
+    _simulate(seed, events=1000, prefix_caching=prefix_caching)
