@@ -5,10 +5,10 @@ Never imports grpc. Entry points: `LLM` (offline batches), `Engine` (one step at
 """
 
 from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.llm import LLM
 from engine.output import RequestOutput, RequestTiming, TokenLogprob
-from engine.runner import EngineConfig
 from engine.sampling import SamplingParams
 
 __all__ = [

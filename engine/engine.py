@@ -7,21 +7,33 @@ offline batches; `AsyncEngine` drives it from a background thread for the server
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 
+from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator
 from engine.output import RequestOutput, TextStream, TokenLogprob
 from engine.request import Request
-from engine.runner import EngineConfig, Runner
+from engine.runner import Runner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from models import Model
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepStats:
+  """What one step did and how long it took (host work included)."""
+
+  prefill_tokens: int
+  decodes: int
+  shapes: tuple[tuple[int, ...], ...]  # the runner's compiled-shape keys it dispatched
+  seconds: float
 
 
 class Engine:
@@ -31,17 +43,12 @@ class Engine:
     self.allocator = PageAllocator(
       config.num_pages, config.page_size, prefix_caching=config.prefix_caching
     )
-    self.scheduler = Scheduler(
-      self.allocator,
-      max_batch=config.max_batch,
-      max_num_batched_tokens=config.max_num_batched_tokens,
-      max_prefill_seqs=config.max_prefill_seqs,
-    )
+    self.scheduler = Scheduler(self.allocator, config)
     self.runner = Runner(model, config)
     self.requests: dict[str, Request] = {}  # unfinished, by id
     self._ids = itertools.count()
     self.num_steps = 0
-    self.step_seconds = 0.0  # total time inside step(), for overhead accounting
+    self.last_step: StepStats | None = None
 
   def add_request(
     self,
@@ -108,7 +115,12 @@ class Engine:
         del self.requests[request.request_id]
       outputs.append(request.output())
     self.num_steps += 1
-    self.step_seconds += time.perf_counter() - start
+    self.last_step = StepStats(
+      prefill_tokens=sum(c.length for c in schedule.prefills),
+      decodes=len(schedule.decodes),
+      shapes=self.runner.last_shapes,
+      seconds=time.perf_counter() - start,
+    )
     return outputs
 
   def stats(self) -> dict[str, int]:

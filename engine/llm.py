@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.output import RequestOutput
-from engine.runner import EngineConfig
 from engine.sampling import SamplingParams
 from models import DEFAULT_MODEL, Model, load_model
 
@@ -28,8 +28,20 @@ Message = dict[str, str]
 class LLM:
   """Loads a model once and generates text for batches of prompts."""
 
-  def __init__(self, model: str | Model = DEFAULT_MODEL, config: EngineConfig | None = None):
-    self.model = load_model(model) if isinstance(model, str) else model
+  def __init__(
+    self,
+    model: str | Model = DEFAULT_MODEL,
+    config: EngineConfig | None = None,
+    *,
+    layout: str | None = None,
+  ):
+    """model: a name or path for `load_model` (placed by `layout`, e.g. "tp=4" or
+    "dp=2,tp=4"), or an already loaded (and possibly sharded) Model."""
+    if isinstance(model, str):
+      model = load_model(model, layout=layout)
+    elif layout is not None:
+      raise ValueError("layout: pass it to load_model, or a model name instead of a Model")
+    self.model = model
     self.tokenizer = self.model.tokenizer
     self.config = config or EngineConfig(
       max_model_len=min(2048, self.model.config.max_context // 16 * 16)

@@ -18,93 +18,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator
 from engine.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
 from engine.scheduler import Chunk, Schedule
 from models import KVCache, Model
+from sharding import batch_sharding, kv_cache_sharding, put
 
 log = logging.getLogger(__name__)
 
 
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-  out, b = [], lo
-  while b < hi:
-    out.append(b)
-    b *= 2
-  return (*out, hi)
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+  """Where a sharded model's step keeps its results: the KV pool stays split as it came in,
+  and what the host reads back is replicated, so every process can read all of it."""
+
+  cache: NamedSharding
+  replicated: NamedSharding
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EngineConfig:
-  """Memory, batching and shape budget of the engine."""
-
-  page_size: int = 16  # tokens per KV page
-  num_pages: int = 1024  # pages in the pool, shared by all running requests (page 0 reserved)
-  max_model_len: int = 2048  # prompt + generated tokens of one request
-  max_batch: int = 32  # requests running at once
-  max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
-  max_prefill_seqs: int = 8  # prefill chunks in one step
-  min_prefill: int = 16  # smallest prefill bucket
-  prefix_caching: bool = True
-
-  def __post_init__(self):
-    for name in (
-      "page_size", "num_pages", "max_model_len", "max_batch", "max_num_batched_tokens",
-      "max_prefill_seqs", "min_prefill",
-    ):  # fmt: skip
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.max_model_len % self.page_size:
-      raise ValueError("max_model_len must be a multiple of page_size")
-    if self.num_pages - 1 < self.max_model_len // self.page_size:
-      raise ValueError(
-        f"num_pages: {self.num_pages} pages (one reserved) cannot hold one request of "
-        f"max_model_len {self.max_model_len} tokens"
-      )
-
-  @property
-  def batch_buckets(self) -> tuple[int, ...]:
-    return _powers_of_two(1, self.max_batch)
-
-  @property
-  def prefill_buckets(self) -> tuple[int, ...]:  # tokens per prefill chunk
-    longest = min(self.max_num_batched_tokens, self.max_model_len)
-    return _powers_of_two(min(self.min_prefill, longest), longest)
-
-  @property
-  def prefill_row_buckets(self) -> tuple[int, ...]:
-    return _powers_of_two(1, self.max_prefill_seqs)
-
-  @property
-  def page_buckets(self) -> tuple[int, ...]:  # pages per sequence
-    return _powers_of_two(1, self.max_model_len // self.page_size)
-
-
-def bucket(n: int, buckets: tuple[int, ...]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames="cache")
+@functools.partial(jax.jit, static_argnums=(0, 9, 10), donate_argnames="cache")
 def model_step(
-  graphdef, state, cache, tokens, positions, page_table, logits_at, sampling, step, num_top
-):
+  graphdef, state, cache, tokens, positions, page_table, logits_at, sampling, step, num_top,
+  shardings: StepShardings | None = None,
+):  # fmt: skip
   """(Sampled rows, logits at `logits_at` [B, V] float32, updated cache)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model(tokens, positions, cache, page_table, logits_at=logits_at)
-  return sample(logits, sampling, step, num_top), logits, cache
+  sampled = sample(logits, sampling, step, num_top)
+  if shardings is not None:
+    sampled, logits = jax.lax.with_sharding_constraint((sampled, logits), shardings.replicated)
+    cache = jax.lax.with_sharding_constraint(cache, shardings.cache)
+  return sampled, logits, cache
 
 
 class Runner:
-  """Owns the device KV pool and runs steps on it."""
+  """Owns the device KV pool and runs steps on it. With a sharded model (`model.mesh`), the
+  pool is split by the layout's rules and each step's rows are placed over `data`."""
 
   def __init__(self, model: Model, config: EngineConfig):
     self.model, self.config = model, config
-    self.cache = KVCache.zeros(model.config, config.num_pages, config.page_size)
+    cfg = model.config
+    self.shardings = None
+    if model.mesh is None:
+      self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size)
+    else:
+      shape = (cfg.num_layers, config.num_pages, config.page_size, cfg.num_kv_heads, cfg.head_dim)
+      self.shardings = StepShardings(
+        cache=kv_cache_sharding(shape, model.layout, model.mesh),
+        replicated=NamedSharding(model.mesh, PartitionSpec()),
+      )
+      zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size)
+      self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
     self.compiled: set[tuple] = set()  # shapes seen: (B, T, P, history width, num_top)
+    self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
 
   def step(
     self,
@@ -132,6 +101,7 @@ class Runner:
     if schedule.decodes:
       calls.append((schedule.decodes, self._inputs(schedule.decodes, allocator, prefill=False)))
     dispatched = [self._dispatch(*inputs)[0] for _, inputs in calls]
+    self.last_shapes = tuple(self._key(*inputs) for _, inputs in calls)
     results = []
     for (chunks, _), sampled in zip(calls, jax.device_get(dispatched), strict=True):
       for i, chunk in enumerate(chunks):
@@ -174,15 +144,23 @@ class Runner:
     num_top = MAX_LOGPROBS if wants_top else 0
     return tokens, positions, page_table, logits_at, sampling, sample_index, num_top
 
+  @staticmethod
+  def _key(tokens, positions, page_table, logits_at, sampling, sample_index, num_top):
+    return (*tokens.shape, page_table.shape[1], sampling.history.shape[1], num_top)
+
   def _dispatch(self, tokens, positions, page_table, logits_at, sampling, sample_index, num_top):
-    key = (*tokens.shape, page_table.shape[1], sampling.history.shape[1], num_top)
+    key = self._key(tokens, positions, page_table, logits_at, sampling, sample_index, num_top)
     first = key not in self.compiled
     start = time.perf_counter()
+    inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
+    if self.model.mesh is None:
+      inputs = jax.tree.map(jnp.asarray, inputs)
+    else:  # each row goes to its `data` replica; every process passes the same host arrays
+      rows = batch_sharding(tokens.shape[0], self.model.layout, self.model.mesh)
+      inputs = jax.tree.map(lambda x: put(x, rows), inputs)
     sampled, logits, self.cache = model_step(
-      self.model.graphdef, self.model.state, self.cache,
-      jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(page_table),
-      jnp.asarray(logits_at), sampling, jnp.asarray(sample_index), num_top,
-    )  # fmt: skip
+      self.model.graphdef, self.model.state, self.cache, *inputs, num_top, self.shardings
+    )
     if first:
       jax.block_until_ready(sampled)
       self.compiled.add(key)

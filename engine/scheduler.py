@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 
+from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator
 from engine.request import Request
 
@@ -49,18 +50,8 @@ class Schedule:
 
 
 class Scheduler:
-  def __init__(
-    self,
-    allocator: PageAllocator,
-    *,
-    max_batch: int,
-    max_num_batched_tokens: int,
-    max_prefill_seqs: int,
-  ):
-    self.allocator = allocator
-    self.max_batch = max_batch
-    self.max_num_batched_tokens = max_num_batched_tokens
-    self.max_prefill_seqs = max_prefill_seqs
+  def __init__(self, allocator: PageAllocator, config: EngineConfig):
+    self.allocator, self.config = allocator, config
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: list[Request] = []  # in admission order: the newest is preempted first
     self.num_preemptions = 0
@@ -81,8 +72,32 @@ class Scheduler:
     self.allocator.free(request.request_id)
 
   def schedule(self) -> Schedule:
-    budget = self.max_num_batched_tokens
+    cfg = self.config
+    budget = cfg.max_num_batched_tokens
     out = Schedule([], [], [])
+
+    def chunk_length(request: Request) -> int:
+      """Tokens of `request` to compute this step; 0 when it has to wait.
+
+      Prefill chunks of one step run as one [rows, T] call, so they are sized to keep
+      padding low: the first chunk is cut to a bucket length (the rest of its prompt follows
+      in later steps) and fixes T; later chunks are at most T long and join only while the
+      padded call, rows x T, stays within the token budget."""
+      length = min(request.num_tokens - request.num_computed, budget)
+      if length == 1:
+        return 1
+      if not out.prefills:
+        buckets = cfg.prefill_buckets
+        if length > buckets[0] and length not in buckets:
+          length = max(b for b in buckets if b <= length)
+        return length
+      if len(out.prefills) == cfg.max_prefill_seqs:
+        return 0
+      T = bucket(max(c.length for c in out.prefills), cfg.prefill_buckets)
+      rows = bucket(len(out.prefills) + 1, cfg.prefill_row_buckets)
+      if rows * T > cfg.max_num_batched_tokens:
+        return 0
+      return min(length, T)
 
     def take(request: Request, length: int) -> None:
       nonlocal budget
@@ -93,8 +108,8 @@ class Scheduler:
     i = 0
     while i < len(self.running) and budget > 0:
       request = self.running[i]
-      length = min(request.num_tokens - request.num_computed, budget)
-      if length > 1 and len(out.prefills) >= self.max_prefill_seqs:
+      length = chunk_length(request)
+      if length == 0:
         i += 1  # its next chunk waits a step
         continue
       while self.allocator.allocate(request.request_id, request.num_computed + length) is None:
@@ -109,15 +124,15 @@ class Scheduler:
         continue
       break  # the request itself was preempted: it was the newest, nothing is left
 
-    while self.waiting and budget > 0 and len(self.running) < self.max_batch and not out.preempted:
+    while self.waiting and budget > 0 and len(self.running) < cfg.max_batch and not out.preempted:
       request = self.waiting[0]
       if request.num_computed == 0:
         cached = self.allocator.match_prefix(request.request_id, request.token_ids)
         request.num_computed = cached
         if request.scheduled_at is None:
           request.num_cached_tokens = cached
-      length = min(request.num_tokens - request.num_computed, budget)
-      if (length > 1 and len(out.prefills) >= self.max_prefill_seqs) or (
+      length = chunk_length(request)
+      if length == 0 or (
         self.allocator.allocate(request.request_id, request.num_computed + length) is None
       ):
         self.allocator.free(request.request_id)  # let go of the prefix pages it adopted

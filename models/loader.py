@@ -16,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from models import checkpoint
 from models.attention import AttentionBackend
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile, load_llama_weights
 from models.llama import Llama
 from models.tokenizer import Tokenizer
+from sharding import Layout, param_shardings, put, shard_state
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,20 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class Model:
-  """A loaded model: `config`, `tokenizer`, and the NNX module split into graph and state."""
+  """A loaded model: `config`, `tokenizer`, and the NNX module split into graph and state.
+  `layout` and `mesh` say where the state lives; both are None for a single-device model."""
 
-  def __init__(self, config: ModelConfig, tokenizer: Tokenizer, module: Llama):
+  def __init__(
+    self,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    module: Llama,
+    layout: Layout | None = None,
+    mesh: Mesh | None = None,
+  ):
     self.config, self.tokenizer = config, tokenizer
     self.graphdef, self.state = nnx.split(module)
+    self.layout, self.mesh = layout, mesh
 
   def logits(self, token_ids) -> np.ndarray:
     """Full forward without a cache, the reference path: [T] ids -> [T, V] float32 logits."""
@@ -70,15 +82,26 @@ class Model:
       raise ValueError(f"token_ids: expected a non-empty 1-D sequence, got shape {ids.shape}")
     if ids.min() < 0 or ids.max() >= self.config.vocab_size:
       raise ValueError(f"token_ids: ids must lie in [0, {self.config.vocab_size})")
-    positions = np.arange(ids.size, dtype=np.int32)
-    out = _forward_no_cache(self.graphdef, self.state, ids[None], positions[None])
+    tokens, positions = ids[None], np.arange(ids.size, dtype=np.int32)[None]  # [1, T]
+    replicated = None
+    if self.mesh is not None:
+      # Every process holds the whole (small) input and reads back the whole output.
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      tokens, positions = put(tokens, replicated), put(positions, replicated)
+    out = _forward_no_cache(self.graphdef, self.state, tokens, positions, replicated)
     return np.asarray(out[0])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_no_cache(graphdef, state, tokens, positions):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_no_cache(graphdef, state, tokens, positions, out_sharding):
   logits, _ = nnx.merge(graphdef, state)(tokens, positions)
+  if out_sharding is not None:
+    logits = jax.lax.with_sharding_constraint(logits, out_sharding)
   return logits
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def resolve(name_or_path: str) -> tuple[str, pathlib.Path]:
@@ -100,17 +123,34 @@ def load_model(
   *,
   dtype=jnp.float32,
   attention: AttentionBackend | str | None = None,
+  layout: Layout | str | None = None,
 ) -> Model:
-  """Loads a registered model or a .gguf file onto the default device.
+  """Loads a registered model, a .gguf file or an Orbax checkpoint directory.
 
   attention: "xla", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or None
   for the platform's default (pallas on TPU, xla elsewhere).
+  layout: None puts every parameter on the default device; a Layout or a string such as
+  "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
   """
   if attention is None:
     attention = AttentionBackend.default_for(jax.default_backend())
   elif isinstance(attention, str):
     attention = AttentionBackend(attention)
+  if isinstance(layout, str):
+    layout = Layout.parse(layout)
+  mesh = None if layout is None else layout.make_mesh()
   start = time.perf_counter()
+  load = _load_checkpoint if checkpoint.is_checkpoint(name_or_path) else _load_gguf
+  config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
+  where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
+  log.info("model %s ready in %.1fs%s", config.name, time.perf_counter() - start, where)
+  return Model(config, tokenizer, module, layout, mesh)
+
+
+Loaded = tuple[ModelConfig, Tokenizer, Llama]
+
+
+def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
   name, path = resolve(name_or_path)
   f = GGUFFile(path)
   config = dataclasses.replace(f.config(name), dtype=dtype)
@@ -122,7 +162,24 @@ def load_model(
     param = state[key]
     if param.shape != value.shape:
       raise ValueError(f"{path.name}: {key} has shape {value.shape}, expected {param.shape}")
-    param.set_value(jnp.asarray(value, dtype))
+    param.set_value(np.asarray(value, dtype))  # stays on the host until placed below
+  if mesh is None:
+    state = jax.tree.map(jnp.asarray, state)
+  else:
+    state = shard_state(state, param_shardings(state, layout, mesh))
   nnx.update(module, state)
-  log.info("model %s ready in %.1fs", name, time.perf_counter() - start)
-  return Model(config, tokenizer, module)
+  return config, tokenizer, module
+
+
+def _load_checkpoint(path, dtype, attention, layout, mesh) -> Loaded:
+  config, tokenizer = checkpoint.read_meta(path)
+  config = dataclasses.replace(config, dtype=dtype)
+  module = nnx.eval_shape(lambda: Llama(config, attention))
+  abstract = nnx.state(module)
+  if mesh is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract, is_leaf=_is_variable)
+  else:
+    shardings = param_shardings(abstract, layout, mesh)
+  nnx.update(module, checkpoint.restore_state(path, abstract, shardings))
+  return config, tokenizer, module

@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 import sys
+import time
+
+log = logging.getLogger("meshserve")
 
 
 def _generate(args: argparse.Namespace) -> int:
   from engine import LLM, SamplingParams
+  from models import load_model
 
   params = SamplingParams(
     max_tokens=args.max_tokens,
@@ -21,7 +25,7 @@ def _generate(args: argparse.Namespace) -> int:
   )
   if not args.prompt.strip():
     raise ValueError("--prompt: the prompt is empty")
-  llm = LLM(args.model)
+  llm = LLM(load_model(args.model, layout=args.layout))
 
   def show(_, text: str) -> None:
     sys.stdout.write(text)
@@ -32,10 +36,47 @@ def _generate(args: argparse.Namespace) -> int:
   else:
     out = llm.generate(args.prompt, params, on_delta=show)
   sys.stdout.write("\n")
-  logging.getLogger("meshserve").info(
-    "finish_reason=%s tokens=%d", out[0].finish_reason, len(out[0].token_ids)
-  )
+  log.info("finish_reason=%s tokens=%d", out[0].finish_reason, len(out[0].token_ids))
   return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from models import load_model
+  from models.checkpoint import save_checkpoint
+
+  start = time.perf_counter()
+  dst = save_checkpoint(load_model(args.src, layout=args.layout), args.dst)
+  log.info("converted %s to %s in %.1fs", args.src, dst, time.perf_counter() - start)
+  return 0
+
+
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--layout", default=None, help="mesh layout, e.g. tp=8 or dp=2,tp=4")
+  parser.add_argument("--cpu-devices", type=int, default=None, help="fake N CPU devices")
+  group = parser.add_argument_group("multi-process (run the same command in every process)")
+  group.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+  group.add_argument("--num-processes", type=int, default=None)
+  group.add_argument("--process-id", type=int, default=None)
+  group.add_argument(
+    "--auto-distributed",
+    action="store_true",
+    help="let jax detect the processes (Cloud TPU VM pod slice, Slurm, Open MPI)",
+  )
+
+
+def _setup_devices(args: argparse.Namespace) -> None:
+  """Runs before any jax backend exists: the device count and the process group are fixed
+  when the first backend starts."""
+  if args.cpu_devices is not None:
+    if args.cpu_devices < 1:
+      raise ValueError(f"--cpu-devices must be positive, got {args.cpu_devices}")
+    flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  from sharding import distributed
+
+  distributed.initialize(
+    args.coordinator_address, args.num_processes, args.process_id, auto=args.auto_distributed
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-p", type=float, default=1.0)
   gen.add_argument("--seed", type=int, default=None)
   gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  _add_device_flags(gen)
   gen.set_defaults(func=_generate)
+
+  conv = sub.add_parser("convert", help="write an Orbax checkpoint of a model")
+  conv.add_argument("src", help="model name or .gguf path")
+  conv.add_argument("dst", help="new or empty directory")
+  _add_device_flags(conv)
+  conv.set_defaults(func=_convert)
   return parser
 
 
@@ -68,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     stream=sys.stderr,
   )
   try:
+    if "cpu_devices" in vars(args):  # a command with the device flags
+      _setup_devices(args)
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"meshserve: error: {e}", file=sys.stderr)

@@ -4,3 +4,28 @@ Models name logical axes only: every parameter carries `logical_axes` metadata
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`, `norm`); this package
 maps them to mesh axes.
 """
+
+from sharding.layout import AXES, Layout
+from sharding.rules import MEGATRON, Rules, spec_for
+from sharding.shard import (
+  KV_CACHE_AXES,
+  batch_sharding,
+  kv_cache_sharding,
+  param_shardings,
+  put,
+  shard_state,
+)
+
+__all__ = [
+  "AXES",
+  "KV_CACHE_AXES",
+  "MEGATRON",
+  "Layout",
+  "Rules",
+  "batch_sharding",
+  "kv_cache_sharding",
+  "param_shardings",
+  "put",
+  "shard_state",
+  "spec_for",
+]

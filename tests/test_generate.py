@@ -6,7 +6,7 @@ import pytest
 from conftest import first_near_tie
 
 from engine import SamplingParams
-from engine.runner import EngineConfig, bucket
+from engine.config import EngineConfig, bucket
 from engine.sampling import SamplingBatch
 
 

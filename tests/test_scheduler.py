@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator, page_hashes
 from engine.output import TextStream
 from engine.request import Request
@@ -71,7 +72,9 @@ def test_page_hashes_chain_over_the_whole_prefix():
 
 def test_scheduler_chunks_long_prompts_under_the_budget():
   alloc = PageAllocator(num_pages=64, page_size=4)
-  sched = Scheduler(alloc, max_batch=8, max_num_batched_tokens=16, max_prefill_seqs=4)
+  config = EngineConfig(page_size=4, num_pages=64, max_model_len=64, max_batch=8,
+                        max_num_batched_tokens=16, max_prefill_seqs=4)  # fmt: skip
+  sched = Scheduler(alloc, config)
   short = _request("short", range(3))
   sched.add(short)
   step = sched.schedule()
@@ -97,7 +100,9 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
   rng = random.Random(seed)
   page_size = 4
   alloc = PageAllocator(num_pages=18, page_size=page_size, prefix_caching=prefix_caching)
-  sched = Scheduler(alloc, max_batch=6, max_num_batched_tokens=24, max_prefill_seqs=3)
+  config = EngineConfig(page_size=page_size, num_pages=18, max_model_len=64, max_batch=6,
+                        max_num_batched_tokens=24, max_prefill_seqs=3, min_prefill=4)  # fmt: skip
+  sched = Scheduler(alloc, config)
   # The fake device: slot -> the tokens its KV depends on (all of the sequence up to it).
   pool: dict[tuple[int, int], tuple[int, ...]] = {}
   live: dict[str, Request] = {}

@@ -1,0 +1,66 @@
+"""`EngineConfig` and the shape buckets it implies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+  out, b = [], lo
+  while b < hi:
+    out.append(b)
+    b *= 2
+  return (*out, hi)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineConfig:
+  """Memory, batching and shape budget of the engine."""
+
+  page_size: int = 16  # tokens per KV page
+  num_pages: int = 1024  # pages in the pool, shared by all running requests (page 0 reserved)
+  max_model_len: int = 2048  # prompt + generated tokens of one request
+  max_batch: int = 32  # requests running at once
+  max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+  max_prefill_seqs: int = 8  # prefill chunks in one step
+  min_prefill: int = 16  # smallest prefill bucket
+  prefix_caching: bool = True
+
+  def __post_init__(self):
+    for name in (
+      "page_size", "num_pages", "max_model_len", "max_batch", "max_num_batched_tokens",
+      "max_prefill_seqs", "min_prefill",
+    ):  # fmt: skip
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.max_model_len % self.page_size:
+      raise ValueError("max_model_len must be a multiple of page_size")
+    if self.num_pages - 1 < self.max_model_len // self.page_size:
+      raise ValueError(
+        f"num_pages: {self.num_pages} pages (one reserved) cannot hold one request of "
+        f"max_model_len {self.max_model_len} tokens"
+      )
+
+  @property
+  def batch_buckets(self) -> tuple[int, ...]:
+    return _powers_of_two(1, self.max_batch)
+
+  @property
+  def prefill_buckets(self) -> tuple[int, ...]:  # tokens per prefill chunk
+    longest = min(self.max_num_batched_tokens, self.max_model_len)
+    return _powers_of_two(min(self.min_prefill, longest), longest)
+
+  @property
+  def prefill_row_buckets(self) -> tuple[int, ...]:
+    return _powers_of_two(1, self.max_prefill_seqs)
+
+  @property
+  def page_buckets(self) -> tuple[int, ...]:  # pages per sequence
+    return _powers_of_two(1, self.max_model_len // self.page_size)
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")

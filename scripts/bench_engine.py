@@ -1,0 +1,177 @@
+"""Offline engine throughput at several concurrencies, against the bare step and the roofline.
+
+For each concurrency N, N requests with prompt lengths drawn from [--min-prompt, --max-prompt]
+and --output-len output tokens each (EOS ignored) are queued at once and served with
+continuous batching. One run prints one table:
+
+  out tok/s        output tokens / wall time, prefill included
+  TTFT, TPOT       time to first token (from arrival) and time per output token after it
+  engine step      median wall time of the engine's decode-only steps at full batch, host work
+                   (scheduling, page tables, detokenization) included
+  bare step        median time of the jitted decode step alone at the same shape
+  roofline         (weights + the batch's KV) bytes / measured read bandwidth: the step can
+                   not be faster than streaming them once
+
+Every configuration runs twice and the second run is reported (the first compiles its
+buckets). The machine is noisy: medians and ratios are the figures to read.
+
+  python scripts/bench_engine.py [--concurrency 1 8 32 64] [--output-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from engine.runner import model_step  # noqa: E402
+from engine.sampling import SamplingBatch  # noqa: E402
+from models import load_model  # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+  fn()  # compile / warm
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int, repeats: int) -> float:
+  """Bytes/s of a jitted full read (a sum) over an array of `nbytes`."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  return nbytes / median_time(lambda: total(x).block_until_ready(), repeats)
+
+
+def serve(engine: Engine, prompts: list[list[int]], output_len: int):
+  """Queues every prompt at once and steps until all finish: (outputs, wall seconds,
+  decode-only step times grouped by shape)."""
+  params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+  start = time.perf_counter()
+  for prompt in prompts:
+    engine.add_request(prompt, params)
+  outputs, steps = [], collections.defaultdict(list)
+  while engine.has_unfinished():
+    outputs += [o for o in engine.step() if o.finished]
+    stats = engine.last_step
+    if stats.prefill_tokens == 0 and stats.decodes == len(prompts):
+      steps[stats.shapes[0]].append(stats.seconds)
+  return outputs, time.perf_counter() - start, steps
+
+
+def bare_step_time(engine: Engine, shape: tuple[int, ...], context: int, repeats: int) -> float:
+  """Median seconds of the jitted decode step alone at `shape` (B, 1, P, history, top), its
+  cache donated step to step, each row `context` tokens in."""
+  B, _, P, _, num_top = shape
+  runner, model = engine.runner, engine.model
+  args = (
+    jnp.zeros((B, 1), jnp.int32),
+    jnp.full((B, 1), context, jnp.int32),
+    jnp.arange(1, B * P + 1, dtype=jnp.int32).reshape(B, P) % (engine.config.num_pages - 1) + 1,
+    jnp.zeros((B,), jnp.int32),
+    SamplingBatch.build([SamplingParams()] * B, [0] * B, B),
+    jnp.zeros((B,), jnp.int32),
+    num_top,
+  )
+
+  def run():
+    sampled, _, runner.cache = model_step(model.graphdef, model.state, runner.cache, *args)
+    sampled.tokens.block_until_ready()
+
+  return median_time(run, repeats)
+
+
+def percentile(values, q) -> float:
+  return float(np.percentile(np.asarray(values), q))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+  parser.add_argument("--min-prompt", type=int, default=32)
+  parser.add_argument("--max-prompt", type=int, default=512)
+  parser.add_argument("--output-len", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=10, help="bare-step timing repeats")
+  args = parser.parse_args()
+
+  model = load_model()
+  cfg = model.config
+  page_size = 16
+  max_len = -(-(args.max_prompt + args.output_len) // page_size) * page_size
+  top = max(args.concurrency)
+  config = EngineConfig(
+    page_size=page_size,
+    num_pages=top * (max_len // page_size) + 1,
+    max_model_len=max_len,
+    max_batch=top,
+    prefix_caching=False,  # random prompts share nothing; keep the comparison plain
+  )
+  engine = Engine(model, config)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.state))
+  bandwidth = read_bandwidth(weight_bytes, 20)
+  kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+  rng = random.Random(0)
+
+  rows = []
+  for n in args.concurrency:
+    prompts = [
+      [
+        rng.randrange(3, cfg.vocab_size)
+        for _ in range(rng.randint(args.min_prompt, args.max_prompt))
+      ]
+      for _ in range(n)
+    ]
+    serve(engine, prompts, args.output_len)  # compiles every bucket this workload meets
+    outputs, seconds, steps = serve(engine, prompts, args.output_len)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    ttft = [o.timing.first_token_s for o in outputs]
+    tpot = [
+      (o.timing.finished_s - o.timing.first_token_s) / (len(o.token_ids) - 1) for o in outputs
+    ]
+    shape, times = max(steps.items(), key=lambda kv: len(kv[1]))
+    mean_context = statistics.mean(len(p) for p in prompts) + args.output_len / 2
+    engine_step = statistics.median(times)
+    bare = bare_step_time(engine, shape, int(mean_context), args.repeats)
+    roofline = (weight_bytes + n * mean_context * kv_bytes_per_token) / bandwidth
+    rows.append((n, tokens / seconds, ttft, tpot, engine_step, bare, roofline, shape))
+
+  print(f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), "
+        f"prompts {args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens")  # fmt: skip
+  print(f"weights: {weight_bytes / 1e6:.0f} MB, read bandwidth: {bandwidth / 1e9:.1f} GB/s\n")
+  header = (
+    f"{'conc':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
+    f"{'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | {'engine/bare':>11} | "
+    f"{'roofline':>8} | {'bare/roofline':>13}"
+  )
+  print(header)
+  print("-" * len(header))
+  for n, tok_s, ttft, tpot, eng, bare, roof, _ in rows:
+    print(
+      f"{n:>4} | {tok_s:9.1f} | {percentile(ttft, 50):7.2f}s | {percentile(ttft, 99):7.2f}s | "
+      f"{percentile(tpot, 50) * 1e3:6.0f}ms | {percentile(tpot, 99) * 1e3:6.0f}ms | "
+      f"{eng * 1e3:9.1f}ms | {bare * 1e3:7.1f}ms | {eng / bare:10.2f}x | "
+      f"{roof * 1e3:6.1f}ms | {bare / roof:12.1f}x"
+    )
+  base = rows[0][1]
+  print(
+    "\n"
+    + ", ".join(f"c{n}/c{rows[0][0]} throughput: {tok_s / base:.1f}x" for n, tok_s, *_ in rows[1:])
+  )
+  print("step shapes (B, T, P, history, top): " + ", ".join(f"c{r[0]}: {r[7]}" for r in rows))
+
+
+if __name__ == "__main__":
+  main()
