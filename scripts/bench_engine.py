@@ -9,8 +9,8 @@ continuous batching. One run prints one table:
   engine step      median wall time of the engine's decode-only steps at full batch, host work
                    (scheduling, page tables, detokenization) included
   bare step        median time of the jitted decode step alone at the same shape
-  roofline         (weights + the batch's KV) bytes / measured read bandwidth: the step can
-                   not be faster than streaming them once
+  roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
+                   and the step's FLOPs / measured matmul throughput: no step can be faster
 
 Every configuration runs twice and the second run is reported (the first compiles its
 buckets). The machine is noisy: medians and ratios are the figures to read.
@@ -54,6 +54,13 @@ def read_bandwidth(nbytes: int, repeats: int) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
   return nbytes / median_time(lambda: total(x).block_until_ready(), repeats)
+
+
+def matmul_flops(repeats: int) -> float:
+  """FLOP/s of a jitted float32 [1024, 1024] x [1024, 1024] matmul."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  return 2 * 1024**3 / median_time(lambda: matmul(a, a).block_until_ready(), repeats)
 
 
 def serve(engine: Engine, prompts: list[list[int]], output_len: int):
@@ -122,6 +129,8 @@ def main() -> None:
   engine = Engine(model, config)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.state))
   bandwidth = read_bandwidth(weight_bytes, 20)
+  flops = matmul_flops(20)
+  num_params = sum(x.size for x in jax.tree.leaves(model.state))
   kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
   rng = random.Random(0)
 
@@ -145,12 +154,21 @@ def main() -> None:
     mean_context = statistics.mean(len(p) for p in prompts) + args.output_len / 2
     engine_step = statistics.median(times)
     bare = bare_step_time(engine, shape, int(mean_context), args.repeats)
-    roofline = (weight_bytes + n * mean_context * kv_bytes_per_token) / bandwidth
+    step_bytes = weight_bytes + n * mean_context * kv_bytes_per_token
+    step_flops = n * (
+      2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    )
+    roofline = max(step_bytes / bandwidth, step_flops / flops)
     rows.append((n, tokens / seconds, ttft, tpot, engine_step, bare, roofline, shape))
 
-  print(f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), "
-        f"prompts {args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens")  # fmt: skip
-  print(f"weights: {weight_bytes / 1e6:.0f} MB, read bandwidth: {bandwidth / 1e9:.1f} GB/s\n")
+  print(
+    f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
+    f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens"
+  )
+  print(
+    f"weights: {weight_bytes / 1e6:.0f} MB, read bandwidth: {bandwidth / 1e9:.1f} GB/s, "
+    f"matmul: {flops / 1e9:.0f} GFLOP/s\n"
+  )
   header = (
     f"{'conc':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
     f"{'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | {'engine/bare':>11} | "

@@ -20,8 +20,13 @@ def _generate(args: argparse.Namespace) -> int:
     temperature=args.temperature,
     top_k=args.top_k,
     top_p=args.top_p,
+    min_p=args.min_p,
+    repetition_penalty=args.repetition_penalty,
+    presence_penalty=args.presence_penalty,
+    frequency_penalty=args.frequency_penalty,
     seed=args.seed,
     stop=tuple(args.stop),
+    stop_token_ids=tuple(args.stop_token_id),
   )
   if not args.prompt.strip():
     raise ValueError("--prompt: the prompt is empty")
@@ -95,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-k", type=int, default=0)
   gen.add_argument("--top-p", type=float, default=1.0)
   gen.add_argument("--seed", type=int, default=None)
+  gen.add_argument("--min-p", type=float, default=0.0)
+  gen.add_argument("--repetition-penalty", type=float, default=1.0)
+  gen.add_argument("--presence-penalty", type=float, default=0.0)
+  gen.add_argument("--frequency-penalty", type=float, default=0.0)
   gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  gen.add_argument(
+    "--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)"
+  )
   _add_device_flags(gen)
   gen.set_defaults(func=_generate)
 
