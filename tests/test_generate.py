@@ -7,6 +7,7 @@ from conftest import first_near_tie
 
 from engine import SamplingParams
 from engine.config import EngineConfig, bucket
+from engine.runner import Runner
 from engine.sampling import SamplingBatch
 
 
@@ -47,7 +48,10 @@ def test_cached_decode_matches_full_forward_at_every_step(llm, model, golden):
   case = golden.case(2)
   prompt, cont = case["ids"].tolist(), case["greedy"].tolist()[:12]
   full = model.logits(prompt + cont)  # [T, V]
-  cfg, runner = llm.config, llm.runner
+  # A runner of its own: writing pages behind the allocator's back would corrupt the shared
+  # engine's prefix cache.
+  cfg = llm.config
+  runner = Runner(model, cfg)
   T = bucket(len(prompt), cfg.prefill_buckets)
   page_table = np.array([[5, 9, 2, 7]], np.int32)  # scattered pages on purpose
   assert len(prompt) + len(cont) <= page_table.shape[1] * cfg.page_size
