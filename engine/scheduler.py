@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import time
 
@@ -76,28 +77,20 @@ class Scheduler:
     budget = cfg.max_num_batched_tokens
     out = Schedule([], [], [])
 
-    def chunk_length(request: Request) -> int:
-      """Tokens of `request` to compute this step; 0 when it has to wait.
+    width = self._prefill_width()
 
-      Prefill chunks of one step run as one [rows, T] call, so they are sized to keep
-      padding low: the first chunk is cut to a bucket length (the rest of its prompt follows
-      in later steps) and fixes T; later chunks are at most T long and join only while the
-      padded call, rows x T, stays within the token budget."""
+    def chunk_length(request: Request) -> int:
+      """Tokens of `request` to compute this step; 0 when it has to wait. Prefill chunks run
+      as one [rows, width] call that must fit the token budget, padding included."""
       length = min(request.num_tokens - request.num_computed, budget)
       if length == 1:
         return 1
-      if not out.prefills:
-        buckets = cfg.prefill_buckets
-        if length > buckets[0] and length not in buckets:
-          length = max(b for b in buckets if b <= length)
-        return length
-      if len(out.prefills) == cfg.max_prefill_seqs:
+      rows = len(out.prefills) + 1
+      if rows > cfg.max_prefill_seqs:
         return 0
-      T = bucket(max(c.length for c in out.prefills), cfg.prefill_buckets)
-      rows = bucket(len(out.prefills) + 1, cfg.prefill_row_buckets)
-      if rows * T > cfg.max_num_batched_tokens:
+      if bucket(rows, cfg.prefill_row_buckets) * width > cfg.max_num_batched_tokens:
         return 0
-      return min(length, T)
+      return min(length, width)
 
     def take(request: Request, length: int) -> None:
       nonlocal budget
@@ -145,6 +138,27 @@ class Scheduler:
         request.scheduled_at = time.perf_counter()
       take(request, length)
     return out
+
+  def _prefill_width(self) -> int:
+    """The row length of this step's prefill call: the bucket that lets the next requests in
+    line prefill the most tokens, given that rows x width must fit the token budget. Long
+    prompts then move in full-width chunks, several at a time, and a short prompt tail does
+    not hold a whole step to its own length."""
+    cfg = self.config
+    queue = itertools.chain(self.running, self.waiting)
+    lengths = (r.num_tokens - r.num_computed for r in queue)
+    pending = list(itertools.islice((n for n in lengths if n > 1), cfg.max_prefill_seqs))
+    best, best_tokens = cfg.prefill_buckets[0], 0
+    for width in cfg.prefill_buckets:
+      rows = 1
+      while rows < len(pending) and (
+        bucket(rows + 1, cfg.prefill_row_buckets) * width <= cfg.max_num_batched_tokens
+      ):
+        rows += 1
+      tokens = sum(min(n, width) for n in pending[:rows])
+      if tokens > best_tokens:
+        best, best_tokens = width, tokens
+    return best
 
   def _preempt(self, request: Request) -> None:
     self.allocator.free(request.request_id)
