@@ -87,7 +87,10 @@ class Runner:
     num_top: int = 0,
     return_logits: bool = False,
   ):
-    """One device call, fetched at once: Sampled as numpy (and the logits [B, V] if asked)."""
+    """One device call, fetched at once: Sampled as numpy (and the logits [B, V] if asked).
+
+    Low level: it writes the pages in `page_table` without asking the engine's allocator, so
+    use it on a runner of your own, never on one an Engine is using."""
     sampled, logits = self._dispatch(
       tokens, positions, page_table, logits_at, sampling, sample_index, num_top
     )
@@ -99,7 +102,9 @@ class Runner:
     if schedule.prefills:
       calls.append((schedule.prefills, self._inputs(schedule.prefills, allocator, prefill=True)))
     if schedule.decodes:
-      calls.append((schedule.decodes, self._inputs(schedule.decodes, allocator, prefill=False)))
+      # Longest first: decode attention walks groups of rows only as far as they reach.
+      decodes = sorted(schedule.decodes, key=lambda c: -c.start)
+      calls.append((decodes, self._inputs(decodes, allocator, prefill=False)))
     dispatched = [self._dispatch(*inputs)[0] for _, inputs in calls]
     self.last_shapes = tuple(self._key(*inputs) for _, inputs in calls)
     results = []

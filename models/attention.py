@@ -11,6 +11,7 @@ G = H // K, D head dim, N pool pages, Z page size, P pages per sequence.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -153,37 +154,48 @@ def xla_paged_decode_attention(
   layer: jax.Array,
   positions: jax.Array,  # [B, 1]; -1 = padding row
   page_table: jax.Array,  # [B, P]
+  groups: int = 4,
 ) -> jax.Array:
-  """One-token attention that walks the page table a page at a time with an online softmax.
+  """One-token attention that walks each sequence's pages one at a time with an online softmax.
 
-  Gathering every sequence's pages into one [B, P*Z, K, D] copy first, as prefill does, costs
-  3x more on CPU at decode batch sizes: the copy and a batched dot of G-row matrices dominate.
-  Here each step reads one page per sequence and reduces it on the fly."""
+  Gathering every sequence's pages into one [B, P*Z, K, D] copy first, as prefill does, is 3x
+  slower on CPU at decode batch sizes. The rows are walked in `groups` of consecutive rows, each
+  only as far as its longest sequence reaches: the runner orders decode rows longest first, so
+  short sequences do not pay for the page-table width of long ones."""
   B, _, H, D = q.shape
   K, Z = cache.k.shape[3], cache.page_size
-  qg = q.reshape(B, K, H // K, D).astype(jnp.float32) * (D**-0.5)
-  last = positions[:, 0]
-
-  def page(carry, p):
-    m, norm, acc = carry  # running max [B, K, G], normalizer [B, K, G], output [B, K, G, D]
-    k = cache.k[layer, page_table[:, p]].astype(jnp.float32)  # [B, Z, K, D]
-    v = cache.v[layer, page_table[:, p]].astype(jnp.float32)
-    s = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1)  # [B, Z, K, G]
-    visible = p * Z + jnp.arange(Z)[None, :] <= last[:, None]  # [B, Z]
-    s = jnp.where(visible[:, :, None, None], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    e = jnp.exp(s - m_new[:, None])
-    scale = jnp.exp(m - m_new)
-    norm = norm * scale + jnp.sum(e, axis=1)
-    acc = acc * scale[..., None] + jnp.sum(e[..., None] * v[:, :, :, None, :], axis=1)
-    return (m_new, norm, acc), None
-
   G = H // K
-  init = (
-    jnp.full((B, K, G), -1e30, jnp.float32),  # finite: a fully masked page leaves no NaN
-    jnp.zeros((B, K, G), jnp.float32),
-    jnp.zeros((B, K, G, D), jnp.float32),
-  )
-  (_, norm, acc), _ = jax.lax.scan(page, init, jnp.arange(page_table.shape[1]))
-  out = acc / jnp.maximum(norm, 1e-30)[..., None]  # a padding row (l = 0) gets zeros
+  groups = math.gcd(B, groups)
+  qg = (q.reshape(B, K, G, D).astype(jnp.float32) * (D**-0.5)).reshape(groups, -1, K, G, D)
+  last = positions[:, 0].reshape(groups, -1)
+  tables = page_table.reshape(groups, -1, page_table.shape[1])
+
+  def walk(qg, last, table):
+    rows = qg.shape[0]
+
+    def page(p, carry):
+      m, norm, acc = carry  # running max [R, K, G], normalizer [R, K, G], output [R, K, G, D]
+      k = cache.k[layer, table[:, p]].astype(jnp.float32)  # [R, Z, K, D]
+      v = cache.v[layer, table[:, p]].astype(jnp.float32)
+      s = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1)  # [R, Z, K, G]
+      visible = p * Z + jnp.arange(Z)[None, :] <= last[:, None]  # [R, Z]
+      s = jnp.where(visible[:, :, None, None], s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      e = jnp.exp(s - m_new[:, None])
+      scale = jnp.exp(m - m_new)
+      norm = norm * scale + jnp.sum(e, axis=1)
+      acc = acc * scale[..., None] + jnp.sum(e[..., None] * v[:, :, :, None, :], axis=1)
+      return m_new, norm, acc
+
+    init = (
+      jnp.full((rows, K, G), -1e30, jnp.float32),  # finite: a masked page leaves no NaN
+      jnp.zeros((rows, K, G), jnp.float32),
+      jnp.zeros((rows, K, G, D), jnp.float32),
+    )
+    # Only the pages that hold this group's longest sequence (never past the table).
+    num_pages = jnp.minimum(jnp.max(last) // Z + 1, table.shape[1])
+    _, norm, acc = jax.lax.fori_loop(0, num_pages, page, init)
+    return acc / jnp.maximum(norm, 1e-30)[..., None]  # a padding row (norm = 0) gets zeros
+
+  out = jnp.stack([walk(qg[g], last[g], tables[g]) for g in range(groups)])
   return out.reshape(B, 1, H, D).astype(q.dtype)
