@@ -8,7 +8,8 @@ continuous batching. One run prints one table:
   TTFT, TPOT       time to first token (from arrival) and time per output token after it
   engine step      median wall time of the engine's decode-only steps at full batch, host work
                    (scheduling, page tables, detokenization) included
-  bare step        median time of the jitted decode step alone at the same shape
+  bare step        median time of the jitted decode step alone at the same shape, its rows
+                   at the contexts they have mid-run
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
                    and the step's FLOPs / measured matmul throughput: no step can be faster
 
@@ -79,14 +80,17 @@ def serve(engine: Engine, prompts: list[list[int]], output_len: int):
   return outputs, time.perf_counter() - start, steps
 
 
-def bare_step_time(engine: Engine, shape: tuple[int, ...], context: int, repeats: int) -> float:
+def bare_step_time(engine: Engine, shape: tuple[int, ...], contexts: list[int], repeats: int):
   """Median seconds of the jitted decode step alone at `shape` (B, 1, P, history, top), its
-  cache donated step to step, each row `context` tokens in."""
+  cache donated step to step, with rows `contexts` tokens in (ordered as the runner orders
+  them, longest first), so it does the same attention work as the engine's step."""
   B, _, P, _, num_top = shape
   runner, model = engine.runner, engine.model
+  positions = np.full((B, 1), -1, np.int32)
+  positions[: len(contexts), 0] = sorted(contexts, reverse=True)
   args = (
     jnp.zeros((B, 1), jnp.int32),
-    jnp.full((B, 1), context, jnp.int32),
+    jnp.asarray(positions),
     jnp.arange(1, B * P + 1, dtype=jnp.int32).reshape(B, P) % (engine.config.num_pages - 1) + 1,
     jnp.zeros((B,), jnp.int32),
     SamplingBatch.build([SamplingParams()] * B, [0] * B, B),
@@ -153,7 +157,8 @@ def main() -> None:
     shape, times = max(steps.items(), key=lambda kv: len(kv[1]))
     mean_context = statistics.mean(len(p) for p in prompts) + args.output_len / 2
     engine_step = statistics.median(times)
-    bare = bare_step_time(engine, shape, int(mean_context), args.repeats)
+    contexts = [len(p) + args.output_len // 2 for p in prompts]  # mid-run
+    bare = bare_step_time(engine, shape, contexts, args.repeats)
     step_bytes = weight_bytes + n * mean_context * kv_bytes_per_token
     step_flops = n * (
       2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
