@@ -108,10 +108,6 @@ class PageAllocator:
         self.free_queue[page] = None
     self.hashed.pop(request_id, None)
 
-  def reset_prefix_cache(self) -> None:
-    self.cached.clear()
-    self.page_key.clear()
-
   def _ref(self, page: int) -> None:
     if self.refs[page] == 0:
       del self.free_queue[page]

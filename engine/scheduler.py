@@ -58,9 +58,6 @@ class Scheduler:
     self.num_preemptions = 0
     self.num_cached_tokens = 0  # tokens admitted straight from the prefix cache, since start
 
-  def __len__(self) -> int:
-    return len(self.waiting) + len(self.running)
-
   def add(self, request: Request) -> None:
     self.waiting.append(request)
 
