@@ -43,6 +43,10 @@ def test_generate_chat_streams_an_answer():
     (["--prompt", "hi", "--model", "no-such-model"], "unknown model"),
     (["--prompt", "hi", "--model", "/nonexistent/m.gguf"], "not found"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--min-p", "2"], "min_p"),
+    (["--prompt", "hi", "--frequency-penalty", "3"], "frequency_penalty"),
+    (["--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
+    (["--prompt", "hi", "--stop-token-id", "-1"], "stop_token_ids"),
   ],
 )
 def test_generate_bad_input_is_one_clear_line(args, message):
