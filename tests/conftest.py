@@ -3,7 +3,10 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight fake CPU devices for the sharding tests, whatever else XLA_FLAGS already says.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = flags.strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

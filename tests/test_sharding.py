@@ -40,8 +40,9 @@ SPLIT["dp=2,tp=4"] = MLP
 
 @pytest.fixture(scope="session", autouse=True)
 def eight_devices():
-  if jax.device_count() < 8:
-    pytest.skip(f"needs 8 devices, found {jax.device_count()}; XLA_FLAGS was set elsewhere")
+  assert jax.device_count() >= 8, (
+    f"needs 8 devices, found {jax.device_count()}: XLA_FLAGS sets another device count"
+  )
 
 
 def reshard(model: Model, layout: str) -> Model:
