@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 
-def page_hashes(token_ids: Sequence[int], page_size: int, num_pages: int) -> list[bytes]:
-  """Chained hashes of the first `num_pages` full pages of `token_ids`."""
-  out, parent = [], b""
-  for i in range(num_pages):
+def page_hashes(
+  token_ids: Sequence[int], page_size: int, stop: int, *, start: int = 0, parent: bytes = b""
+) -> Iterator[bytes]:
+  """Chained hashes of full pages start..stop-1 of `token_ids`; `parent` is the hash of page
+  start-1 (b"" for the first page)."""
+  for i in range(start, stop):
     chunk = np.asarray(token_ids[i * page_size : (i + 1) * page_size], np.int64).tobytes()
     parent = hashlib.sha256(parent + chunk).digest()
-    out.append(parent)
-  return out
+    yield parent
 
 
 class PageAllocator:
@@ -40,7 +41,7 @@ class PageAllocator:
     self.cached: dict[bytes, int] = {}  # full-page hash -> page
     self.page_key: dict[int, bytes] = {}  # page -> its hash, for pages in `cached`
     self.tables: dict[str, list[int]] = {}  # request id -> page table
-    self.hashed: dict[str, int] = {}  # request id -> number of its leading pages in `cached`
+    self.keys: dict[str, list[bytes]] = {}  # request id -> hashes of its committed full pages
 
   @property
   def num_free(self) -> int:
@@ -55,16 +56,18 @@ class PageAllocator:
     to compute, since its logits are needed."""
     assert request_id not in self.tables, request_id
     pages: list[int] = []
+    keys: list[bytes] = []
     if self.prefix_caching:
       for key in page_hashes(token_ids, self.page_size, (len(token_ids) - 1) // self.page_size):
         page = self.cached.get(key)
         if page is None:
           break
         pages.append(page)
+        keys.append(key)
     for page in pages:
       self._ref(page)
     self.tables[request_id] = pages
-    self.hashed[request_id] = len(pages)
+    self.keys[request_id] = keys
     return len(pages) * self.page_size
 
   def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
@@ -87,18 +90,18 @@ class PageAllocator:
     """Registers the request's pages that are now full of computed KV in the prefix cache."""
     if not self.prefix_caching:
       return
-    table, done = self.tables[request_id], self.hashed.get(request_id, 0)
+    table, keys = self.tables[request_id], self.keys.setdefault(request_id, [])
     full = min(num_computed // self.page_size, len(table))
-    if full <= done:
-      return
-    keys = page_hashes(token_ids, self.page_size, full)
-    for i in range(done, full):
+    parent = keys[-1] if keys else b""
+    for i, key in enumerate(
+      page_hashes(token_ids, self.page_size, full, start=len(keys), parent=parent), len(keys)
+    ):
+      keys.append(key)
       # A page with the same contents may already be cached (computed by another request
       # at the same time); the first one stays the canonical copy.
-      if keys[i] not in self.cached:
-        self.cached[keys[i]] = table[i]
-        self.page_key[table[i]] = keys[i]
-    self.hashed[request_id] = full
+      if key not in self.cached:
+        self.cached[key] = table[i]
+        self.page_key[table[i]] = key
 
   def free(self, request_id: str) -> None:
     """Releases the request's pages, tail first so its shared prefix is evicted last."""
@@ -106,7 +109,7 @@ class PageAllocator:
       self.refs[page] -= 1
       if self.refs[page] == 0:
         self.free_queue[page] = None
-    self.hashed.pop(request_id, None)
+    self.keys.pop(request_id, None)
 
   def _ref(self, page: int) -> None:
     if self.refs[page] == 0:

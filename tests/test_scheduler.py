@@ -65,8 +65,8 @@ def test_prefix_pages_are_shared_and_evicted_last():
 
 
 def test_page_hashes_chain_over_the_whole_prefix():
-  a = page_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4, 2)
-  b = page_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4, 2)
+  a = list(page_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4, 2))
+  b = list(page_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4, 2))
   assert a[0] != b[0] and a[1] != b[1]  # same second page, different prefix
 
 
