@@ -1,8 +1,10 @@
 """Offline engine throughput at several concurrencies, against the bare step and the roofline.
 
-For each concurrency N, N requests with prompt lengths drawn from [--min-prompt, --max-prompt]
-and --output-len output tokens each (EOS ignored) are queued at once and served with
-continuous batching. One run prints one table:
+One pool of requests is drawn: prompt lengths uniform in [--min-prompt, --max-prompt],
+--output-len output tokens each (EOS ignored). Concurrency C serves the first max(C,
+--min-requests) of them with at most C in flight, a new one arriving as one finishes (a closed
+loop, as vLLM's `--max-concurrency`), so concurrency 1 is not decided by one prompt's length.
+Every level sees the same prompt-length distribution. One run prints one table:
 
   out tok/s        output tokens / wall time, prefill included
   TTFT, TPOT       time to first token (from arrival) and time per output token after it
@@ -64,18 +66,20 @@ def matmul_flops(repeats: int) -> float:
   return 2 * 1024**3 / median_time(lambda: matmul(a, a).block_until_ready(), repeats)
 
 
-def serve(engine: Engine, prompts: list[list[int]], output_len: int):
-  """Queues every prompt at once and steps until all finish: (outputs, wall seconds,
-  decode-only step times grouped by shape)."""
+def serve(engine: Engine, prompts: list[list[int]], output_len: int, concurrency: int):
+  """Serves `prompts` with at most `concurrency` in flight, admitting the next as one
+  finishes, until all finish: (outputs, wall seconds, decode-only full-batch step times
+  grouped by shape)."""
   params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+  queue = collections.deque(prompts)
   start = time.perf_counter()
-  for prompt in prompts:
-    engine.add_request(prompt, params)
   outputs, steps = [], collections.defaultdict(list)
-  while engine.has_unfinished():
+  while queue or engine.has_unfinished():
+    while queue and len(engine.requests) < concurrency:
+      engine.add_request(queue.popleft(), params)
     outputs += [o for o in engine.step() if o.finished]
     stats = engine.last_step
-    if stats.prefill_tokens == 0 and stats.decodes == len(prompts):
+    if stats.prefill_tokens == 0 and stats.decodes == concurrency:
       steps[stats.shapes[0]].append(stats.seconds)
   return outputs, time.perf_counter() - start, steps
 
@@ -115,6 +119,9 @@ def main() -> None:
   parser.add_argument("--min-prompt", type=int, default=32)
   parser.add_argument("--max-prompt", type=int, default=512)
   parser.add_argument("--output-len", type=int, default=128)
+  parser.add_argument(
+    "--min-requests", type=int, default=8, help="requests served at low concurrency"
+  )
   parser.add_argument("--repeats", type=int, default=10, help="bare-step timing repeats")
   args = parser.parse_args()
 
@@ -137,18 +144,16 @@ def main() -> None:
   num_params = sum(x.size for x in jax.tree.leaves(model.state))
   kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
   rng = random.Random(0)
+  pool = [
+    [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(args.min_prompt, args.max_prompt))]
+    for _ in range(max(top, args.min_requests))
+  ]
 
   rows = []
   for n in args.concurrency:
-    prompts = [
-      [
-        rng.randrange(3, cfg.vocab_size)
-        for _ in range(rng.randint(args.min_prompt, args.max_prompt))
-      ]
-      for _ in range(n)
-    ]
-    serve(engine, prompts, args.output_len)  # compiles every bucket this workload meets
-    outputs, seconds, steps = serve(engine, prompts, args.output_len)
+    prompts = pool[: max(n, args.min_requests)]
+    serve(engine, prompts, args.output_len, n)  # compiles every bucket this workload meets
+    outputs, seconds, steps = serve(engine, prompts, args.output_len, n)
     tokens = sum(len(o.token_ids) for o in outputs)
     ttft = [o.timing.first_token_s for o in outputs]
     tpot = [
@@ -157,14 +162,16 @@ def main() -> None:
     shape, times = max(steps.items(), key=lambda kv: len(kv[1]))
     mean_context = statistics.mean(len(p) for p in prompts) + args.output_len / 2
     engine_step = statistics.median(times)
-    contexts = [len(p) + args.output_len // 2 for p in prompts]  # mid-run
+    # The rows in flight mid-run: the workload's own when it all fits, else its mean.
+    contexts = [len(p) + args.output_len // 2 for p in prompts]
+    contexts = contexts if len(prompts) == n else [round(mean_context)] * n
     bare = bare_step_time(engine, shape, contexts, args.repeats)
     step_bytes = weight_bytes + n * mean_context * kv_bytes_per_token
     step_flops = n * (
       2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
-    rows.append((n, tokens / seconds, ttft, tpot, engine_step, bare, roofline, shape))
+    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, engine_step, bare, roofline, shape))
 
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
@@ -175,25 +182,24 @@ def main() -> None:
     f"matmul: {flops / 1e9:.0f} GFLOP/s\n"
   )
   header = (
-    f"{'conc':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
-    f"{'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | {'engine/bare':>11} | "
-    f"{'roofline':>8} | {'bare/roofline':>13}"
+    f"{'conc':>4} | {'reqs':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | "
+    f"{'TPOT p50':>8} | {'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | "
+    f"{'engine/bare':>11} | {'roofline':>8} | {'bare/roofline':>13}"
   )
   print(header)
   print("-" * len(header))
-  for n, tok_s, ttft, tpot, eng, bare, roof, _ in rows:
+  for n, reqs, tok_s, ttft, tpot, eng, bare, roof, _ in rows:
     print(
-      f"{n:>4} | {tok_s:9.1f} | {percentile(ttft, 50):7.2f}s | {percentile(ttft, 99):7.2f}s | "
+      f"{n:>4} | {reqs:>4} | {tok_s:9.1f} | "
+      f"{percentile(ttft, 50):7.2f}s | {percentile(ttft, 99):7.2f}s | "
       f"{percentile(tpot, 50) * 1e3:6.0f}ms | {percentile(tpot, 99) * 1e3:6.0f}ms | "
       f"{eng * 1e3:9.1f}ms | {bare * 1e3:7.1f}ms | {eng / bare:10.2f}x | "
       f"{roof * 1e3:6.1f}ms | {bare / roof:12.1f}x"
     )
-  base = rows[0][1]
-  print(
-    "\n"
-    + ", ".join(f"c{n}/c{rows[0][0]} throughput: {tok_s / base:.1f}x" for n, tok_s, *_ in rows[1:])
-  )
-  print("step shapes (B, T, P, history, top): " + ", ".join(f"c{r[0]}: {r[7]}" for r in rows))
+  first, _, base, *_ = rows[0]
+  ratios = (f"c{n}/c{first} throughput: {tok_s / base:.1f}x" for n, _, tok_s, *_ in rows[1:])
+  print("\n" + ", ".join(ratios))
+  print("step shapes (B, T, P, history, top): " + ", ".join(f"c{r[0]}: {r[-1]}" for r in rows))
 
 
 if __name__ == "__main__":
