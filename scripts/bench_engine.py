@@ -12,6 +12,8 @@ Every level sees the same prompt-length distribution. One run prints one table:
                    (scheduling, page tables, detokenization) included
   bare step        median time of the jitted decode step alone at the same shape, its rows
                    at the contexts they have mid-run
+  KV share         how much of the bare step goes to reading the rows' context: 1 - (the same
+                   step with every row one token in) / (bare step)
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
                    and the step's FLOPs / measured matmul throughput: no step can be faster
 
@@ -166,12 +168,14 @@ def main() -> None:
     contexts = [len(p) + args.output_len // 2 for p in prompts]
     contexts = contexts if len(prompts) == n else [round(mean_context)] * n
     bare = bare_step_time(engine, shape, contexts, args.repeats)
+    no_context = bare_step_time(engine, shape, [1] * n, args.repeats)
     step_bytes = weight_bytes + n * mean_context * kv_bytes_per_token
     step_flops = n * (
       2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
-    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, engine_step, bare, roofline, shape))
+    times = (engine_step, bare, no_context, roofline)
+    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, *times, shape))
 
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
@@ -184,16 +188,17 @@ def main() -> None:
   header = (
     f"{'conc':>4} | {'reqs':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | "
     f"{'TPOT p50':>8} | {'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | "
-    f"{'engine/bare':>11} | {'roofline':>8} | {'bare/roofline':>13}"
+    f"{'engine/bare':>11} | {'KV share':>8} | {'roofline':>8} | {'bare/roofline':>13}"
   )
   print(header)
   print("-" * len(header))
-  for n, reqs, tok_s, ttft, tpot, eng, bare, roof, _ in rows:
+  for n, reqs, tok_s, ttft, tpot, eng, bare, no_context, roof, _ in rows:
     print(
       f"{n:>4} | {reqs:>4} | {tok_s:9.1f} | "
       f"{percentile(ttft, 50):7.2f}s | {percentile(ttft, 99):7.2f}s | "
       f"{percentile(tpot, 50) * 1e3:6.0f}ms | {percentile(tpot, 99) * 1e3:6.0f}ms | "
       f"{eng * 1e3:9.1f}ms | {bare * 1e3:7.1f}ms | {eng / bare:10.2f}x | "
+      f"{1 - no_context / bare:8.0%} | "
       f"{roof * 1e3:6.1f}ms | {bare / roof:12.1f}x"
     )
   first, _, base, *_ = rows[0]
