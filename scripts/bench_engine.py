@@ -174,8 +174,8 @@ def main() -> None:
       2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
-    times = (engine_step, bare, no_context, roofline)
-    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, *times, shape))
+    seconds_per_step = (engine_step, bare, no_context, roofline)
+    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, *seconds_per_step, shape))
 
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
