@@ -182,6 +182,26 @@ def test_numpy_token_ids_are_one_prompt(llm, golden):
   assert len(out) == 1 and out[0].token_ids == golden.case(0)["greedy"][:3].tolist()
 
 
+def test_greedy_rows_take_the_first_maximum_and_its_logprob():
+  """The greedy path (two reductions, logsumexp) agrees with argmax and log_softmax, ties and
+  all; rows beside it that sample do not change it."""
+  from engine.sampling import sample
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 1000)).astype(np.float32)
+  logits[1, [3, 700]] = logits[1].max() + 1.0  # a tie: the first index wins
+  logits[2, :] = 0.0  # all tied
+  params = [SamplingParams()] * 3 + [SamplingParams(temperature=1.0, seed=5)]
+  for batch in (params[:3] + [SamplingParams()], params):
+    out = jax.jit(sample)(logits, SamplingBatch.build(batch, [0] * 4, 4), np.zeros(4, np.int32))
+    want = np.argmax(logits[:3], axis=-1)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:3], want)
+    assert want.tolist()[1:] == [3, 0]
+    log_softmax = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    chosen = log_softmax[np.arange(4), np.asarray(out.tokens)]
+    np.testing.assert_allclose(np.asarray(out.logprob), chosen, atol=1e-5)
+
+
 def test_min_p_keeps_tokens_near_the_top():
   from engine.sampling import sample
 
