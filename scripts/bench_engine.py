@@ -17,10 +17,12 @@ Every level sees the same prompt-length distribution. One run prints one table:
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
                    and the step's FLOPs / measured matmul throughput: no step can be faster
 
-Every configuration runs twice and the second run is reported (the first compiles its
-buckets). The machine is noisy: medians and ratios are the figures to read.
+Every configuration first runs once unmeasured (it compiles its buckets). Then --rounds
+measured passes go over all concurrencies in turn; out tok/s is the median over rounds, and
+with several rounds each round's throughput ratios are printed too. The machine is noisy:
+medians and ratios are the figures to read.
 
-  python scripts/bench_engine.py [--concurrency 1 8 32 64] [--output-len 128]
+  python scripts/bench_engine.py [--concurrency 1 8 32 64] [--output-len 128] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def bare_step_time(engine: Engine, shape: tuple[int, ...], contexts: list[int], 
   return median_time(run, repeats)
 
 
+def throughput(run) -> float:
+  """Output tokens/s of one `serve` result."""
+  outputs, seconds, _ = run
+  return sum(len(o.token_ids) for o in outputs) / seconds
+
+
 def percentile(values, q) -> float:
   return float(np.percentile(np.asarray(values), q))
 
@@ -121,15 +129,20 @@ def main() -> None:
   parser.add_argument("--min-prompt", type=int, default=32)
   parser.add_argument("--max-prompt", type=int, default=512)
   parser.add_argument("--output-len", type=int, default=128)
+  parser.add_argument("--page-size", type=int, default=EngineConfig().page_size)
   parser.add_argument(
     "--min-requests", type=int, default=8, help="requests served at low concurrency"
   )
   parser.add_argument("--repeats", type=int, default=10, help="bare-step timing repeats")
+  parser.add_argument(
+    "--rounds", type=int, default=1,
+    help="measured passes over every concurrency, interleaved; out tok/s is their median",
+  )  # fmt: skip
   args = parser.parse_args()
 
   model = load_model()
   cfg = model.config
-  page_size = 16
+  page_size = args.page_size
   max_len = -(-(args.max_prompt + args.output_len) // page_size) * page_size
   top = max(args.concurrency)
   config = EngineConfig(
@@ -151,12 +164,25 @@ def main() -> None:
     for _ in range(max(top, args.min_requests))
   ]
 
+  def workload(n: int) -> list[list[int]]:
+    return pool[: max(n, args.min_requests)]
+
+  for n in args.concurrency:
+    serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets
+  runs = collections.defaultdict(list)  # concurrency -> [(outputs, seconds, steps)], per round
+  for _ in range(args.rounds):
+    for n in args.concurrency:
+      runs[n].append(serve(engine, workload(n), args.output_len, n))
+
   rows = []
   for n in args.concurrency:
-    prompts = pool[: max(n, args.min_requests)]
-    serve(engine, prompts, args.output_len, n)  # compiles every bucket this workload meets
-    outputs, seconds, steps = serve(engine, prompts, args.output_len, n)
-    tokens = sum(len(o.token_ids) for o in outputs)
+    prompts = workload(n)
+    tok_s = statistics.median(throughput(run) for run in runs[n])
+    outputs = [o for round_outputs, _, _ in runs[n] for o in round_outputs]
+    steps = collections.defaultdict(list)
+    for _, _, round_steps in runs[n]:
+      for shape, times in round_steps.items():
+        steps[shape] += times
     ttft = [o.timing.first_token_s for o in outputs]
     tpot = [
       (o.timing.finished_s - o.timing.first_token_s) / (len(o.token_ids) - 1) for o in outputs
@@ -175,11 +201,12 @@ def main() -> None:
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
     seconds_per_step = (engine_step, bare, no_context, roofline)
-    rows.append((n, len(prompts), tokens / seconds, ttft, tpot, *seconds_per_step, shape))
+    rows.append((n, len(prompts), tok_s, ttft, tpot, *seconds_per_step, shape))
 
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
-    f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens"
+    f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens, "
+    f"KV pages of {page_size} tokens"
   )
   print(
     f"weights: {weight_bytes / 1e6:.0f} MB, read bandwidth: {bandwidth / 1e9:.1f} GB/s, "
@@ -204,6 +231,11 @@ def main() -> None:
   first, _, base, *_ = rows[0]
   ratios = (f"c{n}/c{first} throughput: {tok_s / base:.1f}x" for n, _, tok_s, *_ in rows[1:])
   print("\n" + ", ".join(ratios))
+  if args.rounds > 1:  # a round's runs are minutes apart, so its ratio shrugs off slow drift
+    for n in args.concurrency[1:]:
+      pairs = zip(runs[n], runs[first], strict=True)
+      per_round = ", ".join(f"{throughput(a) / throughput(b):.1f}x" for a, b in pairs)
+      print(f"c{n}/c{first} per round: {per_round}")
   print("step shapes (B, T, P, history, top): " + ", ".join(f"c{r[0]}: {r[-1]}" for r in rows))
 
 
