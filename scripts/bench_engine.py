@@ -11,7 +11,7 @@ Every level sees the same prompt-length distribution. One run prints one table:
   engine step      median wall time of the engine's decode-only steps at full batch, host work
                    (scheduling, page tables, detokenization) included
   bare step        median time of the jitted decode step alone at the same shape, its rows
-                   at the contexts they have mid-run
+                   at the contexts they have mid-run, timed right after each measured pass
   KV share         how much of the bare step goes to reading the rows' context: 1 - (the same
                    step with every row one token in) / (bare step)
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
@@ -33,6 +33,7 @@ import os
 import random
 import statistics
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -113,10 +114,19 @@ def bare_step_time(engine: Engine, shape: tuple[int, ...], contexts: list[int], 
   return median_time(run, repeats)
 
 
-def throughput(run) -> float:
-  """Output tokens/s of one `serve` result."""
-  outputs, seconds, _ = run
-  return sum(len(o.token_ids) for o in outputs) / seconds
+class Run(NamedTuple):
+  """One measured pass at one concurrency."""
+
+  outputs: list
+  seconds: float
+  steps: dict  # decode-only full-batch step times by shape
+  shape: tuple[int, ...]  # the shape those steps took most often
+  bare: float  # median bare step at `shape`, timed right after the pass
+  no_context: float  # the same with every row one token in
+
+
+def throughput(run: Run) -> float:
+  return sum(len(o.token_ids) for o in run.outputs) / run.seconds
 
 
 def percentile(values, q) -> float:
@@ -167,41 +177,52 @@ def main() -> None:
   def workload(n: int) -> list[list[int]]:
     return pool[: max(n, args.min_requests)]
 
+  def mean_context(n: int) -> float:
+    return statistics.mean(len(p) for p in workload(n)) + args.output_len / 2
+
+  def measure(n: int) -> Run:
+    """One measured pass at concurrency n, then the bare step at the shape the engine's decode
+    steps took most often, timed right after so both see the same stretch of machine noise."""
+    outputs, seconds, steps = serve(engine, workload(n), args.output_len, n)
+    shape = max(steps, key=lambda s: len(steps[s]))
+    # The rows in flight mid-run: the workload's own when it all fits, else its mean.
+    prompts = workload(n)
+    contexts = [len(p) + args.output_len // 2 for p in prompts]
+    contexts = contexts if len(prompts) == n else [round(mean_context(n))] * n
+    bare = bare_step_time(engine, shape, contexts, args.repeats)
+    no_context = bare_step_time(engine, shape, [1] * n, args.repeats)
+    return Run(outputs, seconds, steps, shape, bare, no_context)
+
   for n in args.concurrency:
     serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets
-  runs = collections.defaultdict(list)  # concurrency -> [(outputs, seconds, steps)], per round
+  runs = collections.defaultdict(list)  # concurrency -> one Run per round
   for _ in range(args.rounds):
     for n in args.concurrency:
-      runs[n].append(serve(engine, workload(n), args.output_len, n))
+      runs[n].append(measure(n))
 
   rows = []
   for n in args.concurrency:
-    prompts = workload(n)
     tok_s = statistics.median(throughput(run) for run in runs[n])
-    outputs = [o for round_outputs, _, _ in runs[n] for o in round_outputs]
-    steps = collections.defaultdict(list)
-    for _, _, round_steps in runs[n]:
-      for shape, times in round_steps.items():
-        steps[shape] += times
+    outputs = [o for run in runs[n] for o in run.outputs]
     ttft = [o.timing.first_token_s for o in outputs]
     tpot = [
       (o.timing.finished_s - o.timing.first_token_s) / (len(o.token_ids) - 1) for o in outputs
     ]
+    steps = collections.defaultdict(list)
+    for run in runs[n]:
+      for shape, times in run.steps.items():
+        steps[shape] += times
     shape, times = max(steps.items(), key=lambda kv: len(kv[1]))
-    mean_context = statistics.mean(len(p) for p in prompts) + args.output_len / 2
     engine_step = statistics.median(times)
-    # The rows in flight mid-run: the workload's own when it all fits, else its mean.
-    contexts = [len(p) + args.output_len // 2 for p in prompts]
-    contexts = contexts if len(prompts) == n else [round(mean_context)] * n
-    bare = bare_step_time(engine, shape, contexts, args.repeats)
-    no_context = bare_step_time(engine, shape, [1] * n, args.repeats)
-    step_bytes = weight_bytes + n * mean_context * kv_bytes_per_token
+    bare = statistics.median(run.bare for run in runs[n] if run.shape == shape)
+    no_context = statistics.median(run.no_context for run in runs[n] if run.shape == shape)
+    step_bytes = weight_bytes + n * mean_context(n) * kv_bytes_per_token
     step_flops = n * (
-      2 * num_params + 4 * mean_context * cfg.num_layers * cfg.num_heads * cfg.head_dim
+      2 * num_params + 4 * mean_context(n) * cfg.num_layers * cfg.num_heads * cfg.head_dim
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
     seconds_per_step = (engine_step, bare, no_context, roofline)
-    rows.append((n, len(prompts), tok_s, ttft, tpot, *seconds_per_step, shape))
+    rows.append((n, len(workload(n)), tok_s, ttft, tpot, *seconds_per_step, shape))
 
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
