@@ -15,7 +15,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -158,11 +157,12 @@ class Runner:
     first = key not in self.compiled
     start = time.perf_counter()
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
-    if self.model.mesh is None:
-      inputs = jax.tree.map(jnp.asarray, inputs)
-    else:  # each row goes to its `data` replica; every process passes the same host arrays
+    if self.model.mesh is not None:
+      # Each row goes to its `data` replica; every process passes the same host arrays.
       rows = batch_sharding(tokens.shape[0], self.model.layout, self.model.mesh)
       inputs = jax.tree.map(lambda x: put(x, rows), inputs)
+    # Unsharded, the host arrays go to the jitted call as they are: its C++ dispatch copies them
+    # in ~0.5 ms a step, against ~1.9 ms for converting the 16 arrays one by one first.
     sampled, logits, self.cache = model_step(
       self.model.graphdef, self.model.state, self.cache, *inputs, num_top, self.shardings
     )
