@@ -120,9 +120,13 @@ class Run(NamedTuple):
   outputs: list
   seconds: float
   steps: dict  # decode-only full-batch step times by shape
-  shape: tuple[int, ...]  # the shape those steps took most often
-  bare: float  # median bare step at `shape`, timed right after the pass
+  bare: float  # median bare step at `commonest(steps)`, timed right after the pass
   no_context: float  # the same with every row one token in
+
+
+def commonest(steps: dict) -> tuple[int, ...]:
+  """The shape the decode-only steps took most often."""
+  return max(steps, key=lambda shape: len(steps[shape]))
 
 
 def throughput(run: Run) -> float:
@@ -184,14 +188,14 @@ def main() -> None:
     """One measured pass at concurrency n, then the bare step at the shape the engine's decode
     steps took most often, timed right after so both see the same stretch of machine noise."""
     outputs, seconds, steps = serve(engine, workload(n), args.output_len, n)
-    shape = max(steps, key=lambda s: len(steps[s]))
+    shape = commonest(steps)
     # The rows in flight mid-run: the workload's own when it all fits, else its mean.
     prompts = workload(n)
     contexts = [len(p) + args.output_len // 2 for p in prompts]
     contexts = contexts if len(prompts) == n else [round(mean_context(n))] * n
     bare = bare_step_time(engine, shape, contexts, args.repeats)
     no_context = bare_step_time(engine, shape, [1] * n, args.repeats)
-    return Run(outputs, seconds, steps, shape, bare, no_context)
+    return Run(outputs, seconds, steps, bare, no_context)
 
   for n in args.concurrency:
     serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets
@@ -212,10 +216,11 @@ def main() -> None:
     for run in runs[n]:
       for shape, times in run.steps.items():
         steps[shape] += times
-    shape, times = max(steps.items(), key=lambda kv: len(kv[1]))
-    engine_step = statistics.median(times)
-    bare = statistics.median(run.bare for run in runs[n] if run.shape == shape)
-    no_context = statistics.median(run.no_context for run in runs[n] if run.shape == shape)
+    shape = commonest(steps)
+    engine_step = statistics.median(steps[shape])
+    same = [run for run in runs[n] if commonest(run.steps) == shape]
+    bare = statistics.median(run.bare for run in same)
+    no_context = statistics.median(run.no_context for run in same)
     step_bytes = weight_bytes + n * mean_context(n) * kv_bytes_per_token
     step_flops = n * (
       2 * num_params + 4 * mean_context(n) * cfg.num_layers * cfg.num_heads * cfg.head_dim
