@@ -1,7 +1,9 @@
 """The paged KV cache and the attention backends that read it.
 
-One model, two attention backends chosen at configuration time:
-  xla     gathers a sequence's pages and runs masked softmax attention (the CPU default);
+One model, three attention backends chosen at configuration time:
+  xla     gathers a sequence's pages and runs masked softmax attention (any platform);
+  native  xla, but decode steps call the compiled C++ kernel in `cpu_kernels` (the CPU default
+          where it builds);
   pallas  the kernels in `pallas_kernels/` (the TPU default; `interpret=True` runs them on CPU).
 
 Letters: B batch, T query tokens, S key tokens, L layers, H query heads, K kv heads,
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from models import cpu_kernels
 from models.config import ModelConfig
 from pallas_kernels import flash_attention, ragged_paged_attention
 
@@ -69,17 +72,23 @@ def cache_slots(positions, page_table, page_size: int) -> tuple[jax.Array, jax.A
 class AttentionBackend:
   """Which attention implementation the model traces. Static: part of the model's graph."""
 
-  kind: Literal["xla", "pallas"] = "xla"
+  kind: Literal["xla", "native", "pallas"] = "xla"
   interpret: bool = False  # pallas only: run the kernels in interpret mode (CPU)
 
   def __post_init__(self):
-    if self.kind not in ("xla", "pallas"):
-      raise ValueError(f"attention: unknown backend {self.kind!r}; use 'xla' or 'pallas'")
+    if self.kind not in ("xla", "native", "pallas"):
+      raise ValueError(f"attention: unknown backend {self.kind!r}; use 'xla', 'native' or 'pallas'")
 
   @classmethod
-  def default_for(cls, platform: str) -> AttentionBackend:
-    # Our kernels lower through Mosaic; GPU keeps XLA until a Triton variant exists.
-    return cls("pallas") if platform == "tpu" else cls("xla")
+  def default_for(cls, platform: str, *, sharded: bool = False) -> AttentionBackend:
+    """pallas on TPU (our kernels lower through Mosaic; GPU keeps XLA until a Triton variant
+    exists); on CPU the native decode kernel when it builds and the model is on one device
+    (XLA cannot split a custom call over a mesh), else xla."""
+    if platform == "tpu":
+      return cls("pallas")
+    if platform == "cpu" and not sharded and cpu_kernels.available():
+      return cls("native")
+    return cls("xla")
 
   def __call__(
     self,
@@ -101,12 +110,14 @@ class AttentionBackend:
       # sits after them and only padded queries can see it).
       return flash_attention(q, k, v, causal=True, interpret=self.interpret)
 
-    if self.kind == "xla":
+    if self.kind in ("xla", "native"):
       if cache is None:
         return xla_attention(q, k, v, positions, positions)
-      if q.shape[1] == 1:
-        return xla_paged_decode_attention(q, cache, layer, positions, page_table)
-      return paged_xla()
+      if q.shape[1] > 1:
+        return paged_xla()
+      if self.kind == "native" and cache.k.dtype == jnp.float32:
+        return cpu_kernels.paged_decode_attention(q, cache.k, cache.v, layer, positions, page_table)
+      return xla_paged_decode_attention(q, cache, layer, positions, page_table)
     if cache is None:
       return fresh_flash()
     if q.shape[1] > 1:

@@ -127,17 +127,20 @@ def load_model(
 ) -> Model:
   """Loads a registered model, a .gguf file or an Orbax checkpoint directory.
 
-  attention: "xla", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or None
-  for the platform's default (pallas on TPU, xla elsewhere).
+  attention: "xla", "native", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or
+  None for the platform's default (pallas on TPU; native on CPU where its kernel builds and the
+  model is unsharded; xla elsewhere).
   layout: None puts every parameter on the default device; a Layout or a string such as
   "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
   """
-  if attention is None:
-    attention = AttentionBackend.default_for(jax.default_backend())
-  elif isinstance(attention, str):
-    attention = AttentionBackend(attention)
   if isinstance(layout, str):
     layout = Layout.parse(layout)
+  if attention is None:
+    attention = AttentionBackend.default_for(jax.default_backend(), sharded=layout is not None)
+  elif isinstance(attention, str):
+    attention = AttentionBackend(attention)
+  if attention.kind == "native" and layout is not None:
+    raise ValueError("attention: 'native' runs on one device; use 'xla' with a layout")
   mesh = None if layout is None else layout.make_mesh()
   start = time.perf_counter()
   load = _load_checkpoint if checkpoint.is_checkpoint(name_or_path) else _load_gguf

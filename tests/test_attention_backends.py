@@ -1,10 +1,11 @@
-"""The model's attention backend switch: pallas kernels (interpret mode on CPU) end to end."""
+"""The model's attention backend switch, end to end: pallas kernels (interpret mode on CPU) and
+the all-XLA path (the CPU default decodes through the compiled kernel: every other test)."""
 
 import numpy as np
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-from models import AttentionBackend, load_model
+from models import AttentionBackend, cpu_kernels, load_model
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,23 @@ def test_pallas_generation_reproduces_golden_greedy(pallas_model, golden):
   assert outs[1].token_ids == prompt["greedy"][:8].tolist()
 
 
+def test_xla_generation_reproduces_golden_greedy(golden):
+  """Decode through the XLA page walk instead of the compiled kernel."""
+  model = load_model("smollm2-135m-instruct", attention="xla")
+  llm = LLM(model, EngineConfig(num_pages=64, max_model_len=256, max_batch=2))
+  chat, prompt = golden.case(3), golden.case(0)
+  outs = llm.generate([chat["ids"].tolist(), prompt["ids"].tolist()], SamplingParams(max_tokens=8))
+  assert outs[0].token_ids == chat["greedy"].tolist()
+  assert outs[1].token_ids == prompt["greedy"][:8].tolist()
+
+
 def test_backend_choice():
   assert AttentionBackend.default_for("tpu").kind == "pallas"
-  assert AttentionBackend.default_for("cpu").kind == "xla"
+  native = "native" if cpu_kernels.available() else "xla"
+  assert AttentionBackend.default_for("cpu").kind == native
+  assert AttentionBackend.default_for("cpu", sharded=True).kind == "xla"
+  assert AttentionBackend.default_for("gpu").kind == "xla"
   with pytest.raises(ValueError, match="attention"):
     AttentionBackend("triton")
+  with pytest.raises(ValueError, match="native"):
+    load_model("smollm2-135m-instruct", attention="native", layout="tp=2")

@@ -45,6 +45,18 @@ def eight_devices():
   )
 
 
+@pytest.fixture(scope="module")
+def model() -> Model:
+  """The one-device model with the XLA attention that `load_model(layout=...)` builds (XLA
+  cannot split the native kernel's custom call over a mesh)."""
+  return load_model("smollm2-135m-instruct", attention="xla")
+
+
+@pytest.fixture(scope="module")
+def llm(model) -> LLM:
+  return LLM(model, EngineConfig(num_pages=256, max_model_len=512, max_batch=8))
+
+
 def reshard(model: Model, layout: str) -> Model:
   """`model` placed by `layout` (what load_model(layout=...) does, minus the GGUF parsing)."""
   lay = Layout.parse(layout)

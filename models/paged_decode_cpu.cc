@@ -1,0 +1,178 @@
+// One-token paged attention for XLA:CPU, called from jit through the typed XLA FFI.
+//
+// Each row walks its own pages once, in order, with an online softmax; every query head
+// of a page is done while the page is in cache, and the next page is prefetched. Rows are
+// split over threads. Compiled at first use by models/cpu_kernels.py (-O3 -march=native).
+//
+// Letters: B rows, H query heads, K kv heads, G = H / K, D head dim, L layers, N pool
+// pages, Z page size, P pages per row.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Rows = ffi::Buffer<ffi::F32, 3>;  // q, out [B, H, D]
+using Pool = ffi::Buffer<ffi::F32, 5>;  // k, v [L, N, Z, K, D]
+using Index = ffi::Buffer<ffi::S32, 0>;
+using Table = ffi::Buffer<ffi::S32, 2>;
+using Lengths = ffi::Buffer<ffi::S32, 1>;
+
+struct Shape {
+  int64_t N, H, K, G, D, Z, P, page_floats;
+};
+
+struct Scratch {
+  explicit Scratch(const Shape& s) : scores(s.H * s.Z), acc(s.H * s.D), max(s.H), sum(s.H) {}
+  std::vector<float> scores, acc, max, sum;
+};
+
+// A page index from the table, clamped into the pool as XLA's gather clamps it.
+inline int64_t Page(const Shape& s, const int32_t* pages, int64_t p) {
+  return std::clamp<int64_t>(pages[p], 0, s.N - 1);
+}
+
+// kD, kG: compile-time head dim and group size, so the inner loops unroll and vectorize;
+// 0 takes them from `s` at run time.
+template <int64_t kD, int64_t kG>
+void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
+               const int32_t* pages, int64_t length, float* out, Scratch& w) {
+  const int64_t D = kD ? kD : s.D, G = kG ? kG : s.G;
+  const int64_t K = s.K, H = K * G, Z = s.Z, F = s.page_floats;
+  float* scores = w.scores.data();
+  float* acc = w.acc.data();
+  std::fill(acc, acc + H * D, 0.f);
+  std::fill(w.max.begin(), w.max.end(), -1e30f);  // finite: -ffast-math assumes no inf
+  std::fill(w.sum.begin(), w.sum.end(), 0.f);
+  for (int64_t p = 0; p * Z < length; ++p) {
+    const int64_t tokens = std::min(Z, length - p * Z);
+    const float* kp = k + Page(s, pages, p) * F;
+    const float* vp = v + Page(s, pages, p) * F;
+    if ((p + 1) * Z < length) {  // the next page, one cache line (16 floats) at a time
+      const float* kn = k + Page(s, pages, p + 1) * F;
+      const float* vn = v + Page(s, pages, p + 1) * F;
+      for (int64_t i = 0; i < F; i += 16) {
+        __builtin_prefetch(kn + i);
+        __builtin_prefetch(vn + i);
+      }
+    }
+    for (int64_t z = 0; z < tokens; ++z) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* key = kp + (z * K + h / G) * D;
+        const float* qh = q + h * D;
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * key[d];
+        scores[h * Z + z] = dot;
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      float* sh = scores + h * Z;
+      float m = w.max[h];
+      for (int64_t z = 0; z < tokens; ++z) m = std::max(m, sh[z]);
+      const float rescale = std::exp(w.max[h] - m);
+      float total = 0.f;
+      for (int64_t z = 0; z < tokens; ++z) {
+        sh[z] = std::exp(sh[z] - m);
+        total += sh[z];
+      }
+      w.max[h] = m;
+      w.sum[h] = w.sum[h] * rescale + total;
+      float* ah = acc + h * D;
+      for (int64_t d = 0; d < D; ++d) ah[d] *= rescale;
+    }
+    for (int64_t z = 0; z < tokens; ++z) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* value = vp + (z * K + h / G) * D;
+        const float e = scores[h * Z + z];
+        float* ah = acc + h * D;
+        for (int64_t d = 0; d < D; ++d) ah[d] += e * value[d];
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = w.sum[h] > 0.f ? 1.f / w.sum[h] : 0.f;  // a row of length 0 gets zeros
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[h * D + d] * inv;
+  }
+}
+
+using RowFn = void (*)(const Shape&, const float*, const float*, const float*, const int32_t*,
+                       int64_t, float*, Scratch&);
+
+template <int64_t kD>
+RowFn ForGroup(int64_t G) {
+  switch (G) {
+    case 1: return AttendRow<kD, 1>;
+    case 2: return AttendRow<kD, 2>;
+    case 3: return AttendRow<kD, 3>;
+    case 4: return AttendRow<kD, 4>;
+    case 8: return AttendRow<kD, 8>;
+    default: return AttendRow<kD, 0>;
+  }
+}
+
+RowFn Specialized(int64_t D, int64_t G) {
+  switch (D) {
+    case 64: return ForGroup<64>(G);
+    case 128: return ForGroup<128>(G);
+    case 256: return ForGroup<256>(G);
+    default: return AttendRow<0, 0>;
+  }
+}
+
+// q [B, H, D] (already scaled by 1/sqrt(D)); k, v [L, N, Z, K, D]; layer []; page_table
+// [B, P]; lengths [B] (tokens each row attends to; 0 = padding row) -> out [B, H, D].
+ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Lengths lengths,
+                       ffi::Result<Rows> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  const int64_t B = qd[0], L = kd[0], N = kd[1];
+  Shape s{N, qd[1], kd[3], 0, qd[2], kd[2], page_table.dimensions()[1], kd[2] * kd[3] * kd[4]};
+  if (kd[4] != s.D || s.K == 0 || s.H % s.K != 0) {
+    return ffi::Error::InvalidArgument("paged_decode: q [B, H, D] and the pool [L, N, Z, K, D] "
+                                       "disagree on D, or H is not a multiple of K");
+  }
+  s.G = s.H / s.K;
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("paged_decode: layer out of range");
+  const float* k_layer = k.typed_data() + l * N * s.page_floats;
+  const float* v_layer = v.typed_data() + l * N * s.page_floats;
+  const RowFn attend = Specialized(s.D, s.G);
+
+  auto rows = [&](int64_t first, int64_t stride) {
+    Scratch scratch(s);
+    for (int64_t b = first; b < B; b += stride) {
+      const int64_t length = std::clamp<int64_t>(lengths.typed_data()[b], 0, s.P * s.Z);
+      attend(s, q.typed_data() + b * s.H * s.D, k_layer, v_layer,
+             page_table.typed_data() + b * s.P, length, out->typed_data() + b * s.H * s.D,
+             scratch);
+    }
+  };
+  // Rows are interleaved over threads (the runner sorts them longest first), at least four
+  // rows to a thread so that starting one pays for itself.
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t threads = std::max<int64_t>(1, std::min(cores, (B + 3) / 4));
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(rows, t, threads);
+  rows(0, threads);
+  for (auto& helper : helpers) helper.join();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePagedDecode, PagedDecode,
+                              ffi::Ffi::Bind()
+                                  .Arg<Rows>()  // q
+                                  .Arg<Pool>()  // k
+                                  .Arg<Pool>()  // v
+                                  .Arg<Index>()  // layer
+                                  .Arg<Table>()  // page_table
+                                  .Arg<Lengths>()  // lengths
+                                  .Ret<Rows>());  // out
