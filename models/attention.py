@@ -2,8 +2,8 @@
 
 One model, three attention backends chosen at configuration time:
   xla     gathers a sequence's pages and runs masked softmax attention (any platform);
-  native  xla, but decode steps call the compiled C++ kernel in `cpu_kernels` (the CPU default
-          where it builds);
+  native  xla, but decode steps over a float32 pool call the compiled C++ kernel in
+          `cpu_kernels` (the default for a one-device CPU model, where the kernel builds);
   pallas  the kernels in `pallas_kernels/` (the TPU default; `interpret=True` runs them on CPU).
 
 Letters: B batch, T query tokens, S key tokens, L layers, H query heads, K kv heads,

@@ -72,6 +72,7 @@ class Model:
     mesh: Mesh | None = None,
   ):
     self.config, self.tokenizer = config, tokenizer
+    self.attention = module.attention  # the AttentionBackend the module traces
     self.graphdef, self.state = nnx.split(module)
     self.layout, self.mesh = layout, mesh
 
@@ -139,14 +140,15 @@ def load_model(
     attention = AttentionBackend.default_for(jax.default_backend(), sharded=layout is not None)
   elif isinstance(attention, str):
     attention = AttentionBackend(attention)
-  if attention.kind == "native" and layout is not None:
-    raise ValueError("attention: 'native' runs on one device; use 'xla' with a layout")
+  if attention.kind == "native" and (layout is not None or jax.default_backend() != "cpu"):
+    raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
   mesh = None if layout is None else layout.make_mesh()
   start = time.perf_counter()
   load = _load_checkpoint if checkpoint.is_checkpoint(name_or_path) else _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
   where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
-  log.info("model %s ready in %.1fs%s", config.name, time.perf_counter() - start, where)
+  seconds = time.perf_counter() - start
+  log.info("model %s ready in %.1fs%s, %s attention", config.name, seconds, where, attention.kind)
   return Model(config, tokenizer, module, layout, mesh)
 
 

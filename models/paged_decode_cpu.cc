@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -52,25 +51,33 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
   std::fill(acc, acc + H * D, 0.f);
   std::fill(w.max.begin(), w.max.end(), -1e30f);  // finite: -ffast-math assumes no inf
   std::fill(w.sum.begin(), w.sum.end(), 0.f);
+  for (int64_t p = 0; p < 2 && p * Z < length; ++p) {
+    for (int64_t i = 0; i < F; i += 16) {
+      __builtin_prefetch(k + Page(s, pages, p) * F + i);
+      __builtin_prefetch(v + Page(s, pages, p) * F + i);
+    }
+  }
   for (int64_t p = 0; p * Z < length; ++p) {
     const int64_t tokens = std::min(Z, length - p * Z);
     const float* kp = k + Page(s, pages, p) * F;
     const float* vp = v + Page(s, pages, p) * F;
-    if ((p + 1) * Z < length) {  // the next page, one cache line (16 floats) at a time
-      const float* kn = k + Page(s, pages, p + 1) * F;
-      const float* vn = v + Page(s, pages, p + 1) * F;
+    if ((p + 2) * Z < length) {  // the page after next, one cache line (16 floats) at a time
+      const float* kn = k + Page(s, pages, p + 2) * F;
+      const float* vn = v + Page(s, pages, p + 2) * F;
       for (int64_t i = 0; i < F; i += 16) {
         __builtin_prefetch(kn + i);
         __builtin_prefetch(vn + i);
       }
     }
     for (int64_t z = 0; z < tokens; ++z) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* key = kp + (z * K + h / G) * D;
-        const float* qh = q + h * D;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += qh[d] * key[d];
-        scores[h * Z + z] = dot;
+      for (int64_t kh = 0; kh < K; ++kh) {  // the G query heads of kv head kh share its key
+        const float* key = kp + (z * K + kh) * D;
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+          const float* qh = q + h * D;
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qh[d] * key[d];
+          scores[h * Z + z] = dot;
+        }
       }
     }
     for (int64_t h = 0; h < H; ++h) {
@@ -89,11 +96,13 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
       for (int64_t d = 0; d < D; ++d) ah[d] *= rescale;
     }
     for (int64_t z = 0; z < tokens; ++z) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* value = vp + (z * K + h / G) * D;
-        const float e = scores[h * Z + z];
-        float* ah = acc + h * D;
-        for (int64_t d = 0; d < D; ++d) ah[d] += e * value[d];
+      for (int64_t kh = 0; kh < K; ++kh) {
+        const float* value = vp + (z * K + kh) * D;
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+          const float e = scores[h * Z + z];
+          float* ah = acc + h * D;
+          for (int64_t d = 0; d < D; ++d) ah[d] += e * value[d];
+        }
       }
     }
   }

@@ -11,7 +11,8 @@ Every level sees the same prompt-length distribution. One run prints one table:
   engine step      median wall time of the engine's decode-only steps at full batch, host work
                    (scheduling, page tables, detokenization) included
   bare step        median time of the jitted decode step alone at the same shape, its rows
-                   at the contexts they have mid-run, timed right after each measured pass
+                   at the contexts they have mid-run on pages scattered over the pool, timed
+                   right after each measured pass
   KV share         how much of the bare step goes to reading the rows' context: 1 - (the same
                    step with every row one token in) / (bare step)
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
@@ -23,6 +24,7 @@ with several rounds each round's throughput ratios are printed too. The machine 
 medians and ratios are the figures to read.
 
   python scripts/bench_engine.py [--concurrency 1 8 32 64] [--output-len 128] [--rounds 1]
+                                 [--attention xla|native]
 """
 
 from __future__ import annotations
@@ -92,15 +94,17 @@ def serve(engine: Engine, prompts: list[list[int]], output_len: int, concurrency
 def bare_step_time(engine: Engine, shape: tuple[int, ...], contexts: list[int], repeats: int):
   """Median seconds of the jitted decode step alone at `shape` (B, 1, P, history, top), its
   cache donated step to step, with rows `contexts` tokens in (ordered as the runner orders
-  them, longest first), so it does the same attention work as the engine's step."""
+  them, longest first) on pages scattered over the pool, as a serving engine's allocator
+  leaves them: the same attention work and memory access as the engine's step."""
   B, _, P, _, num_top = shape
   runner, model = engine.runner, engine.model
   positions = np.full((B, 1), -1, np.int32)
   positions[: len(contexts), 0] = sorted(contexts, reverse=True)
+  pages = np.random.default_rng(0).permutation(np.arange(1, engine.config.num_pages))
   args = (
     jnp.zeros((B, 1), jnp.int32),
     jnp.asarray(positions),
-    jnp.arange(1, B * P + 1, dtype=jnp.int32).reshape(B, P) % (engine.config.num_pages - 1) + 1,
+    jnp.asarray(np.resize(pages, (B, P)), jnp.int32),  # page 0 is the sink
     jnp.zeros((B,), jnp.int32),
     SamplingBatch.build([SamplingParams()] * B, [0] * B, B),
     jnp.zeros((B,), jnp.int32),
@@ -145,6 +149,9 @@ def main() -> None:
   parser.add_argument("--output-len", type=int, default=128)
   parser.add_argument("--page-size", type=int, default=EngineConfig().page_size)
   parser.add_argument(
+    "--attention", choices=["xla", "native"], help="attention backend (default: the platform's)"
+  )
+  parser.add_argument(
     "--min-requests", type=int, default=8, help="requests served at low concurrency"
   )
   parser.add_argument("--repeats", type=int, default=10, help="bare-step timing repeats")
@@ -154,7 +161,7 @@ def main() -> None:
   )  # fmt: skip
   args = parser.parse_args()
 
-  model = load_model()
+  model = load_model(attention=args.attention)
   cfg = model.config
   page_size = args.page_size
   max_len = -(-(args.max_prompt + args.output_len) // page_size) * page_size
@@ -232,7 +239,7 @@ def main() -> None:
   print(
     f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
     f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens, "
-    f"KV pages of {page_size} tokens"
+    f"KV pages of {page_size} tokens, {model.attention.kind} attention"
   )
   print(
     f"weights: {weight_bytes / 1e6:.0f} MB, read bandwidth: {bandwidth / 1e9:.1f} GB/s, "
