@@ -10,9 +10,9 @@ Every level sees the same prompt-length distribution. One run prints one table:
   TTFT, TPOT       time to first token (from arrival) and time per output token after it
   engine step      median wall time of the engine's decode-only steps at full batch, host work
                    (scheduling, page tables, detokenization) included
-  bare step        median time of the jitted decode step alone at the same shape, its rows
-                   at the contexts they have mid-run on pages scattered over the pool, timed
-                   right after each measured pass
+  bare step        median time of the jitted decode step alone at the same shape, replaying
+                   the rows (page tables, positions) of one of the engine's own steps
+                   mid-run, timed right after each measured pass
   KV share         how much of the bare step goes to reading the rows' context: 1 - (the same
                    step with every row one token in) / (bare step)
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
@@ -75,8 +75,8 @@ def matmul_flops(repeats: int) -> float:
 
 def serve(engine: Engine, prompts: list[list[int]], output_len: int, concurrency: int):
   """Serves `prompts` with at most `concurrency` in flight, admitting the next as one
-  finishes, until all finish: (outputs, wall seconds, decode-only full-batch step times
-  grouped by shape)."""
+  finishes, until all finish: (outputs, wall seconds, decode-only full-batch steps grouped by
+  shape: each step's seconds and the Batch it decoded)."""
   params = SamplingParams(max_tokens=output_len, ignore_eos=True)
   queue = collections.deque(prompts)
   start = time.perf_counter()
@@ -87,24 +87,44 @@ def serve(engine: Engine, prompts: list[list[int]], output_len: int, concurrency
     outputs += [o for o in engine.step() if o.finished]
     stats = engine.last_step
     if stats.prefill_tokens == 0 and stats.decodes == concurrency:
-      steps[stats.shapes[0]].append(stats.seconds)
+      steps[stats.shapes[0]].append((stats.seconds, decoded_batch(engine)))
   return outputs, time.perf_counter() - start, steps
 
 
-def bare_step_time(engine: Engine, shape: tuple[int, ...], contexts: list[int], repeats: int):
+class Batch(NamedTuple):
+  """The rows a decode step ran: each one's page table and the position it computed."""
+
+  tables: list[list[int]]
+  positions: list[int]
+
+
+def decoded_batch(engine: Engine) -> Batch | None:
+  """The rows the last decode-only step ran, read from the allocator; None when a row finished
+  in it (its table is gone)."""
+  running = engine.scheduler.running
+  if len(running) != engine.last_step.decodes:
+    return None
+  tables = [list(engine.allocator.table(r.request_id)) for r in running]
+  return Batch(tables, [r.num_computed - 1 for r in running])
+
+
+def bare_step_time(engine: Engine, shape: tuple[int, ...], batch: Batch, repeats: int) -> float:
   """Median seconds of the jitted decode step alone at `shape` (B, 1, P, history, top), its
-  cache donated step to step, with rows `contexts` tokens in (ordered as the runner orders
-  them, longest first) on pages scattered over the pool, as a serving engine's allocator
-  leaves them: the same attention work and memory access as the engine's step."""
+  cache donated step to step, replaying `batch`: the engine's own rows, pages and positions,
+  ordered as the runner orders them (longest first). The same attention work and memory
+  access as the engine's step, without the host's."""
   B, _, P, _, num_top = shape
   runner, model = engine.runner, engine.model
   positions = np.full((B, 1), -1, np.int32)
-  positions[: len(contexts), 0] = sorted(contexts, reverse=True)
-  pages = np.random.default_rng(0).permutation(np.arange(1, engine.config.num_pages))
+  page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page
+  rows = sorted(zip(batch.positions, batch.tables, strict=True), key=lambda row: -row[0])
+  for i, (position, table) in enumerate(rows):
+    positions[i, 0] = position
+    page_table[i, : len(table)] = table
   args = (
     jnp.zeros((B, 1), jnp.int32),
     jnp.asarray(positions),
-    jnp.asarray(np.resize(pages, (B, P)), jnp.int32),  # page 0 is the sink
+    jnp.asarray(page_table),
     jnp.zeros((B,), jnp.int32),
     SamplingBatch.build([SamplingParams()] * B, [0] * B, B),
     jnp.zeros((B,), jnp.int32),
@@ -196,13 +216,12 @@ def main() -> None:
     steps took most often, timed right after so both see the same stretch of machine noise."""
     outputs, seconds, steps = serve(engine, workload(n), args.output_len, n)
     shape = commonest(steps)
-    # The rows in flight mid-run: the workload's own when it all fits, else its mean.
-    prompts = workload(n)
-    contexts = [len(p) + args.output_len // 2 for p in prompts]
-    contexts = contexts if len(prompts) == n else [round(mean_context(n))] * n
-    bare = bare_step_time(engine, shape, contexts, args.repeats)
-    no_context = bare_step_time(engine, shape, [1] * n, args.repeats)
-    return Run(outputs, seconds, steps, bare, no_context)
+    batches = [batch for _, batch in steps[shape] if batch is not None]
+    mid = batches[len(batches) // 2]  # the rows in flight mid-run
+    bare = bare_step_time(engine, shape, mid, args.repeats)
+    no_context = bare_step_time(engine, shape, Batch(mid.tables, [0] * n), args.repeats)
+    times = {shape: [seconds for seconds, _ in group] for shape, group in steps.items()}
+    return Run(outputs, seconds, times, bare, no_context)
 
   for n in args.concurrency:
     serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets

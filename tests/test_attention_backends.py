@@ -32,6 +32,7 @@ def test_pallas_generation_reproduces_golden_greedy(pallas_model, golden):
 def test_xla_generation_reproduces_golden_greedy(golden):
   """Decode through the XLA page walk instead of the compiled kernel."""
   model = load_model("smollm2-135m-instruct", attention="xla")
+  assert model.attention.kind == "xla"
   llm = LLM(model, EngineConfig(num_pages=64, max_model_len=256, max_batch=2))
   chat, prompt = golden.case(3), golden.case(0)
   outs = llm.generate([chat["ids"].tolist(), prompt["ids"].tolist()], SamplingParams(max_tokens=8))
