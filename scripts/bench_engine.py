@@ -220,8 +220,8 @@ def main() -> None:
     mid = batches[len(batches) // 2]  # the rows in flight mid-run
     bare = bare_step_time(engine, shape, mid, args.repeats)
     no_context = bare_step_time(engine, shape, Batch(mid.tables, [0] * n), args.repeats)
-    times = {shape: [seconds for seconds, _ in group] for shape, group in steps.items()}
-    return Run(outputs, seconds, times, bare, no_context)
+    step_times = {s: [t for t, _ in group] for s, group in steps.items()}
+    return Run(outputs, seconds, step_times, bare, no_context)
 
   for n in args.concurrency:
     serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets
