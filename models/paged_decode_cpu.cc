@@ -1,8 +1,8 @@
 // One-token paged attention for XLA:CPU, called from jit through the typed XLA FFI.
 //
 // Each row walks its own pages once, in order, with an online softmax; every query head
-// of a page is done while the page is in cache, and the next page is prefetched. Rows are
-// split over threads. Compiled at first use by models/cpu_kernels.py (-O3 -march=native).
+// of a page is done while the page is in cache, and the page after next is prefetched. Rows
+// are split over threads. Compiled at first use by models/cpu_kernels.py (-O3 -march=native).
 //
 // Letters: B rows, H query heads, K kv heads, G = H / K, D head dim, L layers, N pool
 // pages, Z page size, P pages per row.
@@ -39,6 +39,14 @@ inline int64_t Page(const Shape& s, const int32_t* pages, int64_t p) {
   return std::clamp<int64_t>(pages[p], 0, s.N - 1);
 }
 
+// Asks for a page's keys and values ahead of use, one cache line (16 floats) at a time.
+inline void Prefetch(const float* k, const float* v, int64_t page, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) {
+    __builtin_prefetch(k + page * floats + i);
+    __builtin_prefetch(v + page * floats + i);
+  }
+}
+
 // kD, kG: compile-time head dim and group size, so the inner loops unroll and vectorize;
 // 0 takes them from `s` at run time.
 template <int64_t kD, int64_t kG>
@@ -51,24 +59,13 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
   std::fill(acc, acc + H * D, 0.f);
   std::fill(w.max.begin(), w.max.end(), -1e30f);  // finite: -ffast-math assumes no inf
   std::fill(w.sum.begin(), w.sum.end(), 0.f);
-  for (int64_t p = 0; p < 2 && p * Z < length; ++p) {
-    for (int64_t i = 0; i < F; i += 16) {
-      __builtin_prefetch(k + Page(s, pages, p) * F + i);
-      __builtin_prefetch(v + Page(s, pages, p) * F + i);
-    }
-  }
+  // Memory runs two pages ahead of the arithmetic.
+  for (int64_t p = 0; p < 2 && p * Z < length; ++p) Prefetch(k, v, Page(s, pages, p), F);
   for (int64_t p = 0; p * Z < length; ++p) {
     const int64_t tokens = std::min(Z, length - p * Z);
     const float* kp = k + Page(s, pages, p) * F;
     const float* vp = v + Page(s, pages, p) * F;
-    if ((p + 2) * Z < length) {  // the page after next, one cache line (16 floats) at a time
-      const float* kn = k + Page(s, pages, p + 2) * F;
-      const float* vn = v + Page(s, pages, p + 2) * F;
-      for (int64_t i = 0; i < F; i += 16) {
-        __builtin_prefetch(kn + i);
-        __builtin_prefetch(vn + i);
-      }
-    }
+    if ((p + 2) * Z < length) Prefetch(k, v, Page(s, pages, p + 2), F);
     for (int64_t z = 0; z < tokens; ++z) {
       for (int64_t kh = 0; kh < K; ++kh) {  // the G query heads of kv head kh share its key
         const float* key = kp + (z * K + kh) * D;
