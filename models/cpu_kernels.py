@@ -38,7 +38,8 @@ class BuildError(RuntimeError):
   pass
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+  """The C++ compiler the kernel is built with: $CXX, else g++ or c++ on PATH."""
   return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
@@ -54,7 +55,7 @@ def _cpu_model() -> str:
 
 def build() -> pathlib.Path:
   """The kernel's shared library, compiled now unless the cache has it. Raises BuildError."""
-  cxx = _compiler()
+  cxx = compiler()
   if cxx is None:
     raise BuildError("no C++ compiler found (set CXX, or install g++)")
   key = hashlib.sha256()

@@ -17,28 +17,18 @@ import argparse
 import collections
 import os
 import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_engine import median_time  # noqa: E402  (this folder is on sys.path)
 
 from models import cpu_kernels  # noqa: E402
 from models.attention import KVCache, xla_paged_decode_attention  # noqa: E402
 
 L, H, K, D, Z = 30, 9, 3, 64, 16
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()  # compile / warm
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def all_layers(attend):
