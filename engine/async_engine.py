@@ -1,124 +1,190 @@
-"""The streaming API the server uses: an `Engine` stepped by a background thread.
+"""The streaming front end the server uses, over an `EngineCore` thread.
 
     engine = AsyncEngine(Engine(model, config))
-    async for out in engine.generate("Hello", SamplingParams(max_tokens=16)):
-      print(out.new_text, end="")
+    async for delta in engine.generate("Hello", SamplingParams(max_tokens=16)):
+      print(delta.new_text, end="")
 
-Each `generate` is an async iterator of `RequestOutput` updates; the last has a finish_reason.
-Leaving the loop early (a cancelled task, a client that disconnected) aborts the request and
-frees its pages at once. `add_request` validates synchronously and raises ValueError naming
-the offending field.
+The front end tokenizes and validates on the caller's side, gives each request an internal id
+(so a client's id can be reused the moment its stream ends), and routes the core's deltas to
+per-request asyncio queues, one loop wake-up per step. Nothing here waits for a step.
+
+`generate` raises, before or while streaming:
+- ValueError, naming the field, for input the engine cannot serve;
+- RequestIdInUseError when the client's request id is already streaming;
+- QueueFullError when `max_queue` requests already wait beyond the batch;
+- TimeoutError at the deadline;
+- EngineDeadError when the core has failed or shut down.
+Leaving the loop early (a cancelled task, a client that disconnected, a deadline) aborts the
+request wherever it is and frees its pages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import collections
+import dataclasses
+import itertools
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 
+from engine.core import EngineCore, EngineDeadError
 from engine.engine import Engine
-from engine.output import RequestOutput
+from engine.output import RequestDelta
 from engine.sampling import SamplingParams
 
-log = logging.getLogger(__name__)
+
+class QueueFullError(RuntimeError):
+  """The engine's queue is full; retry later."""
+
+
+class RequestIdInUseError(RuntimeError):
+  """A request with this client id is still streaming."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stream:
+  client_id: str
+  loop: asyncio.AbstractEventLoop
+  queue: asyncio.Queue  # RequestDelta, then nothing; or an exception
 
 
 class AsyncEngine:
-  def __init__(self, engine: Engine):
-    self.engine = engine
-    self._cv = threading.Condition()  # guards the engine and `_streams`
-    self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-    self._stopping = False
-    self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
-    self._thread.start()
-
-  def add_request(
+  def __init__(
     self,
-    prompt: str | Sequence[int],
-    params: SamplingParams | None = None,
-    request_id: str | None = None,
+    engine: Engine,
     *,
-    loop: asyncio.AbstractEventLoop | None = None,
-  ) -> tuple[str, asyncio.Queue]:
-    """Queues a request; its outputs arrive on the returned asyncio queue (of `loop`, by
-    default the running one). Thread-safe; waits at most one engine step for the lock."""
-    loop = loop or asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    with self._cv:
-      if self._stopping:
-        raise RuntimeError("the engine is shut down")
-      request_id = self.engine.add_request(prompt, params, request_id)
-      self._streams[request_id] = (loop, queue)
-      self._cv.notify()
-    return request_id, queue
+    max_queue: int | None = None,
+    warmup: bool = False,
+    step_hook: Callable[[], None] | None = None,
+    on_dead: Callable[[EngineDeadError], None] | None = None,
+  ):
+    """max_queue: how many requests may wait beyond the engine's max_batch before new ones get
+    QueueFullError (None: no limit). warmup: compile every step shape before the first step
+    (`ready` is set when done). step_hook: see EngineCore. on_dead: called (on the core's
+    thread) once the engine has failed or shut down, after every open stream has been told."""
+    self.engine, self.tokenizer = engine, engine.tokenizer
+    self.max_queue = max_queue
+    self._notify_dead = on_dead
+    self._lock = threading.Lock()  # guards the two maps below; never held across a step
+    self._streams: dict[str, _Stream] = {}  # internal id -> stream, until its last delta
+    self._client_ids: set[str] = set()  # streaming now, until the consumer is done
+    self._ids = itertools.count()
+    self.core = EngineCore(
+      engine, self._on_deltas, self._on_dead, warmup=warmup, step_hook=step_hook
+    )
 
-  def abort(self, request_id: str) -> None:
-    """Stops the request and returns its pages; its stream ends with finish_reason "abort"."""
-    with self._cv:
-      out = self.engine.abort(request_id)
-    if out is not None:
-      self._deliver(out)
+  @property
+  def ready(self) -> threading.Event:
+    """Set once the warm-up is done (or has failed: check `error`)."""
+    return self.core.ready
+
+  @property
+  def error(self) -> EngineDeadError | None:
+    return self.core.error
+
+  def encode_chat(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[int]]:
+    """(templated text, its token ids) of a conversation, generation prompt added."""
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return text, self.tokenizer.encode(text)
 
   async def generate(
     self,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
     request_id: str | None = None,
-  ) -> AsyncIterator[RequestOutput]:
-    loop = asyncio.get_running_loop()
-    request_id, queue = await asyncio.to_thread(
-      self.add_request, prompt, params, request_id, loop=loop
-    )
+    *,
+    deadline: float | None = None,
+  ) -> AsyncIterator[RequestDelta]:
+    """Streams the request's deltas; the last has a finish_reason. deadline: the running
+    loop's `time()` by which the request must be done."""
+    params = params or SamplingParams()
+    arrival = time.perf_counter()
+    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    self.engine.validate(ids, params)
+    internal = f"{request_id or 'req'}#{next(self._ids)}"
+    stream = _Stream(request_id or internal, asyncio.get_running_loop(), asyncio.Queue())
+    self._open(internal, stream)
     finished = False
     try:
-      while not finished:
-        out = await queue.get()
-        if isinstance(out, BaseException):
-          raise out
-        finished = out.finished
-        yield out
+      self.core.add(internal, ids, params, arrival)
+      async with asyncio.timeout_at(deadline):
+        while not finished:
+          item = await stream.queue.get()
+          if isinstance(item, BaseException):
+            raise item
+          finished = item.finished
+          yield dataclasses.replace(item, request_id=stream.client_id)
     finally:
-      if not finished:  # the consumer left early: nobody wants the rest
-        await asyncio.to_thread(self.abort, request_id)
+      with self._lock:
+        open_in_core = self._streams.pop(internal, None) is not None
+        self._client_ids.discard(stream.client_id)
+      if open_in_core and self.core.error is None:
+        self.core.abort(internal)  # the consumer left early: nobody wants the rest
 
   def stats(self) -> dict[str, int]:
-    with self._cv:
-      return self.engine.stats()
+    """The engine's counters after its last step, plus `open`: requests accepted and not yet
+    finished, and `waiting`: those of them not running."""
+    stats = dict(self.core.stats())
+    with self._lock:
+      stats["open"] = len(self._streams)
+    stats["waiting"] = max(stats["open"] - stats["running"], 0)
+    return stats
 
-  def shutdown(self) -> None:
-    """Stops the loop thread; unfinished requests are aborted."""
-    with self._cv:
-      self._stopping = True
-      self._cv.notify()
-    self._thread.join()
-    with self._cv:
-      outs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
-    for out in outs:
-      self._deliver(out)
+  def shutdown(self, timeout: float | None = None) -> None:
+    """Stops the core; open streams end with finish_reason "abort"."""
+    self.core.shutdown(timeout)
 
-  def _run(self) -> None:
-    while True:
-      with self._cv:
-        self._cv.wait_for(lambda: self._stopping or self.engine.has_unfinished())
-        if self._stopping:
-          return
-        try:
-          outputs = self.engine.step()
-        except Exception as e:  # a bug in a step must not leave callers hanging
-          log.exception("engine step failed; aborting its requests")
-          failed = list(self.engine.requests)
-          for request_id in failed:
-            self.engine.abort(request_id)
-          outputs = [(request_id, e) for request_id in failed]
-      for out in outputs:
-        self._deliver(out)
+  def _open(self, internal: str, stream: _Stream) -> None:
+    with self._lock:
+      if self.core.error is not None:
+        raise EngineDeadError(str(self.core.error))
+      if stream.client_id in self._client_ids:
+        raise RequestIdInUseError(f"request_id: {stream.client_id!r} is already in flight")
+      limit = None if self.max_queue is None else self.engine.config.max_batch + self.max_queue
+      if limit is not None and len(self._streams) >= limit:
+        raise QueueFullError(
+          f"the queue is full: {len(self._streams)} requests in flight, at most "
+          f"{self.engine.config.max_batch} running and {self.max_queue} waiting"
+        )
+      self._streams[internal] = stream
+      self._client_ids.add(stream.client_id)
 
-  def _deliver(self, out: RequestOutput | tuple[str, BaseException]) -> None:
-    request_id, item = out if isinstance(out, tuple) else (out.request_id, out)
-    done = isinstance(item, BaseException) or item.finished
-    with self._cv:
-      target = self._streams.pop(request_id, None) if done else self._streams.get(request_id)
-    if target is not None:
-      loop, queue = target
-      loop.call_soon_threadsafe(queue.put_nowait, item)
+  def _on_deltas(self, deltas: list[RequestDelta]) -> None:
+    """Core thread: one call_soon_threadsafe per event loop, whatever the batch size."""
+    by_loop = collections.defaultdict(list)
+    with self._lock:
+      for delta in deltas:
+        get = self._streams.pop if delta.finished else self._streams.get
+        stream = get(delta.request_id, None)
+        if stream is not None:
+          by_loop[stream.loop].append((stream, delta))
+    for loop, items in by_loop.items():
+      self._post(loop, items)
+
+  def _on_dead(self, error: EngineDeadError) -> None:
+    """Core thread: every open stream ends with the error."""
+    by_loop = collections.defaultdict(list)
+    with self._lock:
+      for stream in self._streams.values():
+        by_loop[stream.loop].append((stream, error))
+      self._streams.clear()
+    for loop, items in by_loop.items():
+      self._post(loop, items)
+    if self._notify_dead is not None:
+      self._notify_dead(error)
+
+  def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
+    def put_all():
+      for stream, item in items:
+        stream.queue.put_nowait(item)
+
+    try:
+      loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+      for stream, item in items:
+        if isinstance(item, RequestDelta) and not item.finished:
+          with self._lock:
+            self._streams.pop(item.request_id, None)
+            self._client_ids.discard(stream.client_id)
+          self.core.abort(item.request_id)

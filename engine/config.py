@@ -25,6 +25,7 @@ class EngineConfig:
   max_prefill_seqs: int = 8  # prefill chunks in one step
   min_prefill: int = 16  # smallest prefill bucket
   prefix_caching: bool = True
+  seed: int = 0  # requests without a seed get one drawn from this, in arrival order
 
   def __post_init__(self):
     for name in (
@@ -57,6 +58,25 @@ class EngineConfig:
   @property
   def page_buckets(self) -> tuple[int, ...]:  # pages per sequence
     return _powers_of_two(1, self.max_model_len // self.page_size)
+
+  @property
+  def step_shapes(self) -> tuple[tuple[int, int, int], ...]:
+    """Every (rows B, tokens T, pages P) step shape the engine can dispatch, so all of them
+    can be compiled before serving.
+
+    Decode ([B, 1]) always takes the full page-table width: decode attention walks each row
+    only as far as its length, so padding the table costs nothing and saves a dimension.
+    Prefill ([R, T]) keeps a P bucket, since prefill attention reads every listed page; the
+    smallest P is the one the shortest chunk that rounds up to T can need."""
+    shapes = [(b, 1, self.page_buckets[-1]) for b in self.batch_buckets]
+    previous = 1  # a one-token chunk is a decode
+    for t in self.prefill_buckets:
+      fewest_pages = bucket(-(-(previous + 1) // self.page_size), self.page_buckets)
+      for r in self.prefill_row_buckets:
+        if r * t <= self.max_num_batched_tokens:
+          shapes += [(r, t, p) for p in self.page_buckets if p >= fewest_pages]
+      previous = t
+    return tuple(shapes)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -1,8 +1,9 @@
 """The engine loop: schedule -> execute -> update, one step at a time.
 
 `Engine` is synchronous and single-threaded: `add_request` and `abort` queue work, `step` runs
-one device step and returns the outputs of the requests it advanced. `LLM` drives it for
-offline batches; `AsyncEngine` drives it from a background thread for the server.
+one device step and returns a delta for every request it advanced. It takes token ids: the
+front ends (`LLM`, `AsyncEngine`) tokenize. `LLM` drives it for offline batches; `EngineCore`
+owns it on a thread of its own for the server.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import secrets
+import random
 import time
 from collections.abc import Sequence
 
 from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator
-from engine.output import RequestOutput, TextStream, TokenLogprob
+from engine.output import RequestDelta, TextStream, TokenLogprob
 from engine.request import Request
 from engine.runner import Runner
 from engine.sampling import SamplingParams
@@ -47,56 +48,68 @@ class Engine:
     self.runner = Runner(model, config)
     self.requests: dict[str, Request] = {}  # unfinished, by id
     self._ids = itertools.count()
+    self._seeds = random.Random(config.seed)
     self.num_steps = 0
     self.last_step: StepStats | None = None
 
+  def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
+    """Raises ValueError naming the field when a request cannot be served. Reads only the
+    configuration, so any thread may call it."""
+    if not token_ids:
+      raise ValueError("prompt: the prompt is empty")
+    vocab = self.model.config.vocab_size
+    if min(token_ids) < 0 or max(token_ids) >= vocab:
+      raise ValueError(f"token_ids: ids must lie in [0, {vocab})")
+    limit = self.config.max_model_len
+    if len(token_ids) >= limit:
+      raise ValueError(
+        f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len {limit}"
+      )
+    if any(t >= vocab for t in params.stop_token_ids):
+      raise ValueError(f"stop_token_ids: ids must lie in [0, {vocab})")
+
   def add_request(
     self,
-    prompt: str | Sequence[int],
+    token_ids: Sequence[int],
     params: SamplingParams | None = None,
     request_id: str | None = None,
+    *,
+    arrival: float | None = None,
   ) -> str:
-    """Queues a request (text, or token ids); returns its id. Raises ValueError naming the
-    offending field for bad input."""
+    """Queues a request; returns its id. Raises ValueError naming the offending field for bad
+    input. `arrival` (a time.perf_counter() reading) is when its timings start."""
     params = params or SamplingParams()
     if request_id is None:
       request_id = f"req-{next(self._ids)}"
     if request_id in self.requests:
       raise ValueError(f"request_id: {request_id!r} is already in use")
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    if not ids:
-      raise ValueError("prompt: the prompt is empty")
-    vocab = self.model.config.vocab_size
-    if min(ids) < 0 or max(ids) >= vocab:
-      raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
-    if len(ids) >= self.config.max_model_len:
-      raise ValueError(
-        f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
-        f"{self.config.max_model_len}"
-      )
-    if any(t >= vocab for t in params.stop_token_ids):
-      raise ValueError(f"stop_token_ids: ids must lie in [0, {vocab})")
-    seed = params.seed if params.seed is not None else secrets.randbits(31)
+    ids = [int(t) for t in token_ids]
+    self.validate(ids, params)
+    # An unseeded request's seed comes from the config's seed in arrival order, so every
+    # process of a multi-host engine draws the same tokens and keeps the same schedule.
+    seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
     stream = TextStream(self.tokenizer, params.stop)
     request = Request(request_id, ids, len(ids), params, seed, stream)
+    if arrival is not None:
+      request.arrival = arrival
     self.requests[request_id] = request
     self.scheduler.add(request)
     return request_id
 
-  def abort(self, request_id: str) -> RequestOutput | None:
-    """Stops a request and frees its pages at once; its final output, or None if unknown."""
+  def abort(self, request_id: str) -> RequestDelta | None:
+    """Stops a request and frees its pages at once; its last delta, or None if unknown."""
     request = self.requests.pop(request_id, None)
     if request is None:
       return None
     self.scheduler.remove(request)
     request.finish("abort")
-    return request.output()
+    return request.delta()
 
   def has_unfinished(self) -> bool:
     return bool(self.requests)
 
-  def step(self) -> list[RequestOutput]:
-    """Runs one step; returns an output for every request that produced a token or ended."""
+  def step(self) -> list[RequestDelta]:
+    """Runs one step; returns a delta for every request that produced a token or ended."""
     start = time.perf_counter()
     schedule = self.scheduler.schedule()
     if schedule.empty:
@@ -113,7 +126,7 @@ class Engine:
       if request.finished:
         self.scheduler.remove(request)
         del self.requests[request.request_id]
-      outputs.append(request.output())
+      outputs.append(request.delta())
     self.num_steps += 1
     self.last_step = StepStats(
       prefill_tokens=sum(c.length for c in schedule.prefills),
@@ -132,6 +145,7 @@ class Engine:
       cached_tokens=self.scheduler.num_cached_tokens,
       preemptions=self.scheduler.num_preemptions,
       steps=self.num_steps,
+      compilations=self.runner.num_compiles,
     )
 
   def _append(self, request: Request, sampled) -> None:

@@ -66,25 +66,28 @@ class LLM:
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"params: got {len(params)} for {len(prompts)} prompts")
-    engine, index = self.engine, {}
+    engine, results = self.engine, {}
     try:
-      for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
-        index[engine.add_request(prompt, sp)] = i
+      for prompt, sp in zip(prompts, params, strict=True):
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = engine.add_request(ids, sp)
+        results[request_id] = RequestOutput(request_id, [int(t) for t in ids])
     except ValueError:
-      for request_id in index:
+      for request_id in results:
         engine.abort(request_id)
       raise
-    results: list[RequestOutput | None] = [None] * len(prompts)
-    start, steps = time.perf_counter(), engine.num_steps
-    while any(r is None for r in results):
-      for out in engine.step():
-        i = index.get(out.request_id)
-        if i is None:
+    order = {request_id: i for i, request_id in enumerate(results)}
+    start, steps, unfinished = time.perf_counter(), engine.num_steps, len(results)
+    while unfinished:
+      for delta in engine.step():
+        out = results.get(delta.request_id)
+        if out is None:
           continue
-        if on_delta and out.new_text:
-          on_delta(i, out.new_text)
-        if out.finished:
-          results[i] = out
+        out.add(delta)
+        if on_delta and delta.new_text:
+          on_delta(order[delta.request_id], delta.new_text)
+        unfinished -= delta.finished
+    results = list(results.values())
     seconds, steps = time.perf_counter() - start, engine.num_steps - steps
     tokens = sum(len(r.token_ids) for r in results)
     self.last_timing = dict(seconds=seconds, steps=steps, output_tokens=tokens)

@@ -28,17 +28,35 @@ class RequestTiming:
   finished_s: float | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestDelta:
+  """What one step added to a request. Its size does not grow with the request, so a stream
+  of deltas costs O(n) however slowly it is consumed."""
+
+  request_id: str
+  new_token_ids: list[int]
+  new_text: str
+  new_logprobs: list[TokenLogprob] | None  # one per new token id, when the request asked
+  finish_reason: FinishReason | None
+  num_prompt_tokens: int
+  num_output_tokens: int  # so far
+  num_cached_tokens: int  # prompt tokens served from the prefix cache
+  timing: RequestTiming
+
+  @property
+  def finished(self) -> bool:
+    return self.finish_reason is not None
+
+
 @dataclasses.dataclass
 class RequestOutput:
-  """A request's state after a step: everything so far, plus what this step added."""
+  """A whole request: its deltas added up."""
 
   request_id: str
   prompt_token_ids: list[int]
-  token_ids: list[int]
-  text: str
-  finish_reason: FinishReason | None
-  new_token_ids: list[int] = dataclasses.field(default_factory=list)
-  new_text: str = ""
+  token_ids: list[int] = dataclasses.field(default_factory=list)
+  text: str = ""
+  finish_reason: FinishReason | None = None
   logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
   num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
   timing: RequestTiming = RequestTiming()
@@ -46,6 +64,14 @@ class RequestOutput:
   @property
   def finished(self) -> bool:
     return self.finish_reason is not None
+
+  def add(self, delta: RequestDelta) -> None:
+    self.token_ids += delta.new_token_ids
+    self.text += delta.new_text
+    if delta.new_logprobs is not None:
+      self.logprobs = (self.logprobs or []) + delta.new_logprobs
+    self.finish_reason = delta.finish_reason
+    self.num_cached_tokens, self.timing = delta.num_cached_tokens, delta.timing
 
 
 class TextStream:

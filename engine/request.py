@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from engine.output import FinishReason, RequestOutput, RequestTiming, TextStream, TokenLogprob
+from engine.output import FinishReason, RequestDelta, RequestTiming, TextStream, TokenLogprob
 from engine.sampling import SamplingParams
 
 
@@ -21,7 +21,7 @@ class Request:
   params: SamplingParams
   seed: int
   stream: TextStream
-  arrival: float = dataclasses.field(default_factory=time.perf_counter)
+  arrival: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter clock
   num_computed: int = 0
   num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
   num_preemptions: int = 0
@@ -61,21 +61,21 @@ class Request:
       since(self.scheduled_at), since(self.first_token_at), since(self.finished_at)
     )
 
-  def output(self) -> RequestOutput:
-    """The request so far, with what changed since the last call as `new_*`."""
+  def delta(self) -> RequestDelta:
+    """What changed since the last call."""
     text = self.stream.text
     new_ids = self.token_ids[self.prompt_len + self._reported :]
+    logprobs = self.logprobs[self._reported :] if self.params.logprobs is not None else None
     new_text = text[self._reported_text :]
     self._reported, self._reported_text = self.num_output, len(text)
-    return RequestOutput(
+    return RequestDelta(
       request_id=self.request_id,
-      prompt_token_ids=self.token_ids[: self.prompt_len],
-      token_ids=self.output_ids,
-      text=text,
-      finish_reason=self.finish_reason,
       new_token_ids=new_ids,
       new_text=new_text,
-      logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+      new_logprobs=logprobs,
+      finish_reason=self.finish_reason,
+      num_prompt_tokens=self.prompt_len,
+      num_output_tokens=self.num_output,
       num_cached_tokens=self.num_cached_tokens,
       timing=self.timing(),
     )

@@ -4,14 +4,21 @@ One jitted `model_step` serves prefill chunks ([R, T] tokens) and decode ([B, 1]
 the new tokens' K/V into the donated page pool, computes logits at one token per row and
 samples from them on device. `Runner.execute` runs a scheduled step as at most two calls, the
 prefill chunks and the decode batch, and fetches both results in one device->host transfer.
-Shapes come from a small bucket set; each new shape is compiled once and logged.
+
+A step's compiled shape is (B, T, P) from the config's buckets (`EngineConfig.step_shapes`);
+sampling parameters are data, never shape. `Runner.warmup` compiles every shape ahead of time
+(through the persistent compilation cache when it is on), so serving never compiles; a shape
+met for the first time anyway is compiled then, logged and counted in `num_compiles`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
+import pathlib
 import time
 
 import jax
@@ -21,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator
-from engine.sampling import MAX_LOGPROBS, Sampled, SamplingBatch, sample
+from engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from engine.scheduler import Chunk, Schedule
 from models import KVCache, Model
 from sharding import batch_sharding, kv_cache_sharding, put
@@ -38,15 +45,30 @@ class StepShardings:
   replicated: NamedSharding
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9, 10), donate_argnames="cache")
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
+  """Turns on JAX's persistent compilation cache, so a restarted server loads its compiled
+  steps from disk instead of compiling them again. Default: $MESHSERVE_CACHE/jax, else
+  ~/.cache/meshserve/jax."""
+  if path is None:
+    root = os.environ.get("MESHSERVE_CACHE", pathlib.Path.home() / ".cache/meshserve")
+    path = pathlib.Path(root) / "jax"
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames="cache")
 def model_step(
-  graphdef, state, cache, tokens, positions, page_table, logits_at, sampling, step, num_top,
+  graphdef, state, cache, tokens, positions, page_table, logits_at, sampling, step,
   shardings: StepShardings | None = None,
 ):  # fmt: skip
   """(Sampled rows, logits at `logits_at` [B, V] float32, updated cache)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model(tokens, positions, cache, page_table, logits_at=logits_at)
-  sampled = sample(logits, sampling, step, num_top)
+  sampled = sample(logits, sampling, step)
   if shardings is not None:
     sampled, logits = jax.lax.with_sharding_constraint((sampled, logits), shardings.replicated)
     cache = jax.lax.with_sharding_constraint(cache, shardings.cache)
@@ -71,8 +93,36 @@ class Runner:
       )
       zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size)
       self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
-    self.compiled: set[tuple] = set()  # shapes seen: (B, T, P, history width, num_top)
+    self.executables: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, P)
+    self.num_compiles = 0
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
+    self._no_history = {}  # [B, max_model_len] all -1, per B: unpenalized batches share one
+
+  def warmup(self, shapes=None, *, threads: int | None = None, progress: bool = True) -> int:
+    """Compiles every step shape the config can dispatch (or `shapes`) that is not compiled
+    yet; returns how many. Tracing runs here, XLA compiles on `threads` worker threads."""
+    from tqdm import tqdm
+
+    todo = [s for s in (shapes or self.config.step_shapes) if s not in self.executables]
+    if not todo:
+      return 0
+    start = time.perf_counter()
+    threads = threads or os.cpu_count() or 1
+    bar = tqdm(total=len(todo), desc="compiling step shapes", unit="shape", disable=not progress)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      futures = {}
+      for shape in todo:  # the next shape is traced while the last ones compile
+        futures[shape] = pool.submit(self._lower(self.dummy_inputs(shape)).compile)
+        futures[shape].add_done_callback(lambda _: bar.update())
+      for shape, future in futures.items():
+        self.executables[shape] = future.result()
+    bar.close()
+    self.num_compiles += len(todo)
+    log.info(
+      "compiled %d step shapes in %.1fs (%d in all)",
+      len(todo), time.perf_counter() - start, len(self.executables),
+    )  # fmt: skip
+    return len(todo)
 
   def step(
     self,
@@ -83,7 +133,6 @@ class Runner:
     sampling: SamplingBatch,
     sample_index: np.ndarray,  # [B] int32
     *,
-    num_top: int = 0,
     return_logits: bool = False,
   ):
     """One device call, fetched at once: Sampled as numpy (and the logits [B, V] if asked).
@@ -91,7 +140,7 @@ class Runner:
     Low level: it writes the pages in `page_table` without asking the engine's allocator, so
     use it on a runner of your own, never on one an Engine is using."""
     sampled, logits = self._dispatch(
-      tokens, positions, page_table, logits_at, sampling, sample_index, num_top
+      tokens, positions, page_table, logits_at, sampling, sample_index
     )
     return jax.device_get((sampled, logits)) if return_logits else jax.device_get(sampled)
 
@@ -105,7 +154,7 @@ class Runner:
       decodes = sorted(schedule.decodes, key=lambda c: -c.start)
       calls.append((decodes, self._inputs(decodes, allocator, prefill=False)))
     dispatched = [self._dispatch(*inputs)[0] for _, inputs in calls]
-    self.last_shapes = tuple(self._key(*inputs) for _, inputs in calls)
+    self.last_shapes = tuple((*inputs[0].shape, inputs[2].shape[1]) for _, inputs in calls)
     results = []
     for (chunks, _), sampled in zip(calls, jax.device_get(dispatched), strict=True):
       for i, chunk in enumerate(chunks):
@@ -121,7 +170,7 @@ class Runner:
     B = bucket(len(chunks), cfg.prefill_row_buckets if prefill else cfg.batch_buckets)
     T = bucket(max(c.length for c in chunks), cfg.prefill_buckets) if prefill else 1
     tables = [allocator.table(c.request.request_id) for c in chunks]
-    P = bucket(max(len(t) for t in tables), cfg.page_buckets)
+    P = bucket(max(len(t) for t in tables), cfg.page_buckets) if prefill else cfg.page_buckets[-1]
     tokens = np.zeros((B, T), np.int32)
     positions = np.full((B, T), -1, np.int32)
     page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page
@@ -133,44 +182,55 @@ class Runner:
       page_table[i, : len(table)] = table
       logits_at[i] = c.length - 1
       sample_index[i] = c.request.num_output
-    sampling_rows = [c for c in chunks if c.completes]
     requests = [c.request for c in chunks]
-    penalized = any(c.request.params.penalized for c in sampling_rows)
-    sampling = SamplingBatch.build(
+    sampling = self._sampling(
       [r.params for r in requests],
       [r.seed for r in requests],
       B,
-      histories=[r.token_ids for r in requests],
-      prompt_lens=[r.prompt_len for r in requests],
-      history_width=cfg.max_model_len if penalized else 1,
+      [r.token_ids for r in requests],
+      [r.prompt_len for r in requests],
     )
-    wants_top = any(c.request.params.logprobs for c in sampling_rows)
-    num_top = MAX_LOGPROBS if wants_top else 0
-    return tokens, positions, page_table, logits_at, sampling, sample_index, num_top
+    return tokens, positions, page_table, logits_at, sampling, sample_index
 
-  @staticmethod
-  def _key(tokens, positions, page_table, logits_at, sampling, sample_index, num_top):
-    return (*tokens.shape, page_table.shape[1], sampling.history.shape[1], num_top)
+  def _sampling(self, params, seeds, B, histories=(), prompt_lens=()) -> SamplingBatch:
+    width = self.config.max_model_len
+    if any(p.penalized for p in params):
+      return SamplingBatch.build(params, seeds, B, histories, prompt_lens, history_width=width)
+    batch = SamplingBatch.build(params, seeds, B)  # history [B, 1], replaced by the shared one
+    if B not in self._no_history:
+      self._no_history[B] = np.full((B, width), -1, np.int32)
+    return dataclasses.replace(batch, history=self._no_history[B])
 
-  def _dispatch(self, tokens, positions, page_table, logits_at, sampling, sample_index, num_top):
-    key = self._key(tokens, positions, page_table, logits_at, sampling, sample_index, num_top)
-    first = key not in self.compiled
-    start = time.perf_counter()
+  def dummy_inputs(self, shape: tuple[int, int, int]):
+    """All-padding inputs of a step shape: every token writes to the sink page."""
+    B, T, P = shape
+    sampling = self._sampling([SamplingParams()] * B, [0] * B, B)
+    zeros = np.zeros(B, np.int32)
+    return (np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32),
+            np.zeros((B, P), np.int32), zeros, sampling, zeros)  # fmt: skip
+
+  def _place(self, inputs):
+    if self.model.mesh is None:
+      # The host arrays go to the compiled call as they are: its C++ dispatch copies them in
+      # ~0.5 ms a step, against ~1.9 ms for converting the 16 arrays one by one first.
+      return inputs
+    # Each row goes to its `data` replica; every process passes the same host arrays.
+    rows = batch_sharding(inputs[0].shape[0], self.model.layout, self.model.mesh)
+    return jax.tree.map(lambda x: put(x, rows), inputs)
+
+  def _lower(self, inputs) -> jax.stages.Lowered:
+    return model_step.lower(
+      self.model.graphdef, self.model.state, self.cache, *self._place(inputs), self.shardings
+    )
+
+  def _dispatch(self, tokens, positions, page_table, logits_at, sampling, sample_index):
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
-    if self.model.mesh is not None:
-      # Each row goes to its `data` replica; every process passes the same host arrays.
-      rows = batch_sharding(tokens.shape[0], self.model.layout, self.model.mesh)
-      inputs = jax.tree.map(lambda x: put(x, rows), inputs)
-    # Unsharded, the host arrays go to the jitted call as they are: its C++ dispatch copies them
-    # in ~0.5 ms a step, against ~1.9 ms for converting the 16 arrays one by one first.
-    sampled, logits, self.cache = model_step(
-      self.model.graphdef, self.model.state, self.cache, *inputs, num_top, self.shardings
-    )
-    if first:
-      jax.block_until_ready(sampled)
-      self.compiled.add(key)
-      log.info(
-        "compiled step B=%d T=%d P=%d history=%d top=%d in %.1fs",
-        *key, time.perf_counter() - start,
-      )  # fmt: skip
+    shape = (*tokens.shape, page_table.shape[1])
+    executable = self.executables.get(shape)
+    if executable is None:  # not warmed up: compile now, and say so
+      start = time.perf_counter()
+      executable = self.executables[shape] = self._lower(inputs).compile()
+      self.num_compiles += 1
+      log.info("compiled step B=%d T=%d P=%d in %.1fs", *shape, time.perf_counter() - start)
+    sampled, logits, self.cache = executable(self.model.state, self.cache, *self._place(inputs))
     return sampled, logits

@@ -81,8 +81,8 @@ class SamplingParams:
 class SamplingBatch:
   """SamplingParams of a batch as arrays, one row per slot (host side, numpy).
 
-  `history` holds each row's tokens so far (prompt then output, -1 padding) for the penalties;
-  it is [B, 1] when no row is penalized, so unpenalized batches carry no history at all.
+  `history` holds a penalized row's tokens so far (prompt then output, -1 padding). Its width
+  is fixed (the engine's max_model_len), so penalties never add a compiled shape.
   """
 
   temperature: np.ndarray  # [B] float32
@@ -93,7 +93,8 @@ class SamplingBatch:
   presence_penalty: np.ndarray  # [B] float32
   frequency_penalty: np.ndarray  # [B] float32
   seed: np.ndarray  # [B] uint32
-  history: np.ndarray  # [B, W] int32, -1 = none
+  logprobs: np.ndarray  # [B] int32: alternatives asked for, 0 = none
+  history: np.ndarray  # [B, W] int32, -1 = none (all -1 unless the row is penalized)
   prompt_len: np.ndarray  # [B] int32: history[:, prompt_len:] is output
 
   @classmethod
@@ -106,8 +107,8 @@ class SamplingBatch:
     prompt_lens: Sequence[int] = (),
     history_width: int = 1,
   ) -> SamplingBatch:
-    """Rows for `params` (padded to `batch`). Pass `histories`, `prompt_lens` and a
-    `history_width` (a fixed bucket) when any row is penalized."""
+    """Rows for `params` (padded to `batch`). Penalized rows need their `histories` and
+    `prompt_lens`, within `history_width` tokens."""
     pad = batch - len(params)
 
     def column(name, fill, dtype):
@@ -115,10 +116,9 @@ class SamplingBatch:
 
     history = np.full((batch, history_width), -1, np.int32)
     lens = np.zeros(batch, np.int32)
-    if history_width > 1:
-      for i, (p, ids, n) in enumerate(zip(params, histories, prompt_lens, strict=True)):
-        if p.penalized:
-          history[i, : len(ids)], lens[i] = ids, n
+    for i, p in enumerate(params):
+      if p.penalized:
+        history[i, : len(histories[i])], lens[i] = histories[i], prompt_lens[i]
     return cls(
       temperature=column("temperature", 0.0, np.float32),
       top_k=column("top_k", 0, np.int32),
@@ -128,6 +128,7 @@ class SamplingBatch:
       presence_penalty=column("presence_penalty", 0.0, np.float32),
       frequency_penalty=column("frequency_penalty", 0.0, np.float32),
       seed=np.array(list(seeds) + [0] * pad, np.uint32),
+      logprobs=np.array([p.logprobs or 0 for p in params] + [0] * pad, np.int32),
       history=history,
       prompt_len=lens,
     )
@@ -144,8 +145,8 @@ class Sampled:
 
   tokens: jax.Array  # [B] int32
   logprob: jax.Array  # [B] float32: log-probability of the chosen token
-  top_ids: jax.Array  # [B, n] int32: the n likeliest tokens (n = 0 unless asked)
-  top_logprobs: jax.Array  # [B, n] float32
+  top_ids: jax.Array  # [B, MAX_LOGPROBS] int32: the likeliest tokens (zeros unless asked)
+  top_logprobs: jax.Array  # [B, MAX_LOGPROBS] float32
 
 
 jax.tree_util.register_dataclass(
@@ -157,17 +158,23 @@ def sample(
   logits: jax.Array,  # [B, V] float32
   params: SamplingBatch,
   step: jax.Array,  # [B] int32: index of the token being sampled within its request
-  num_top: int = 0,  # static: how many alternatives to return logprobs for
 ) -> Sampled:
   """Picks the next token of each row. Traced inside the model step, so sampling costs no host
-  sync.
+  sync, and one compiled shape serves every mix of parameters.
 
   The batch takes the cheapest branch that serves all its rows: argmax only; a draw from the
   full distribution; or the sort that top-k / top-p need (costly on CPU: ~10 ms a row).
+  Penalties and the top alternatives' logprobs are computed only when some row asks.
   """
   raw = logits
-  if params.history.shape[1] > 1:  # static: some row is penalized
-    logits = _apply_penalties(logits, params)
+  penalized = (
+    (params.repetition_penalty != 1.0)
+    | (params.presence_penalty != 0.0)
+    | (params.frequency_penalty != 0.0)
+  )
+  logits = jax.lax.cond(
+    jnp.any(penalized), lambda x: _apply_penalties(x, params), lambda x: x, logits
+  )
   greedy = _argmax(logits)
   sampled = params.temperature > 0.0
   filtered = sampled & ((params.top_k > 0) | (params.top_p < 1.0))
@@ -193,11 +200,18 @@ def sample(
   tokens = jax.lax.cond(branch > 0, draw_rows, lambda: greedy)
   # log p(token) = logit - logsumexp: no [B, V] log_softmax unless alternatives are asked for.
   chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
-  if num_top:
-    top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(raw, axis=-1), num_top)
-  else:
-    top_logprobs, top_ids = jnp.zeros((raw.shape[0], 0)), jnp.zeros((raw.shape[0], 0), jnp.int32)
-  return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+  B, V = raw.shape
+  n = min(MAX_LOGPROBS, V)
+
+  def top(x):
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), n)
+    return values, ids.astype(jnp.int32)
+
+  def none(x):
+    return jnp.zeros((B, n), x.dtype), jnp.zeros((B, n), jnp.int32)
+
+  top_logprobs, top_ids = jax.lax.cond(jnp.any(params.logprobs > 0), top, none, raw)
+  return Sampled(tokens, chosen, top_ids, top_logprobs)
 
 
 def _argmax(x: jax.Array) -> jax.Array:
@@ -230,7 +244,8 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
   sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
   keep = jnp.arange(V)[None, :] < jnp.where(top_k > 0, top_k, V)[:, None]
   probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-  # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-  keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+  # Keep the smallest prefix whose mass reaches top_p (the first token always stays). A row
+  # with top_p = 1 keeps everything: its float32 cumsum can reach 1.0 before the tail ends.
+  keep &= ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1.0)
   threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)

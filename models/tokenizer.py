@@ -108,12 +108,15 @@ class Tokenizer:
     for i, m in enumerate(messages):
       if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
-    return self._template.render(
-      messages=list(messages),
-      add_generation_prompt=add_generation_prompt,
-      bos_token=self.bos_token or "",
-      eos_token=self.eos_token or "",
-    )
+    try:
+      return self._template.render(
+        messages=list(messages),
+        add_generation_prompt=add_generation_prompt,
+        bos_token=self.bos_token or "",
+        eos_token=self.eos_token or "",
+      )
+    except jinja2.exceptions.TemplateError as e:  # e.g. the template's own raise_exception
+      raise ValueError(f"messages: the chat template refused them: {e}") from None
 
 
 def _raise(message: str):

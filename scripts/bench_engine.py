@@ -44,8 +44,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from engine.runner import model_step  # noqa: E402
-from engine.sampling import SamplingBatch  # noqa: E402
 from models import load_model  # noqa: E402
 
 
@@ -109,11 +107,11 @@ def decoded_batch(engine: Engine) -> Batch | None:
 
 
 def bare_step_time(engine: Engine, shape: tuple[int, ...], batch: Batch, repeats: int) -> float:
-  """Median seconds of the jitted decode step alone at `shape` (B, 1, P, history, top), its
-  cache donated step to step, replaying `batch`: the engine's own rows, pages and positions,
-  ordered as the runner orders them (longest first). The same attention work and memory
-  access as the engine's step, without the host's."""
-  B, _, P, _, num_top = shape
+  """Median seconds of the compiled decode step alone at `shape` (B, 1, P), its cache donated
+  step to step, replaying `batch`: the engine's own rows, pages and positions, ordered as the
+  runner orders them (longest first). The same attention work and memory access as the
+  engine's step, without the host's."""
+  B, _, P = shape
   runner, model = engine.runner, engine.model
   positions = np.full((B, 1), -1, np.int32)
   page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page
@@ -121,18 +119,12 @@ def bare_step_time(engine: Engine, shape: tuple[int, ...], batch: Batch, repeats
   for i, (position, table) in enumerate(rows):
     positions[i, 0] = position
     page_table[i, : len(table)] = table
-  args = (
-    jnp.zeros((B, 1), jnp.int32),
-    jnp.asarray(positions),
-    jnp.asarray(page_table),
-    jnp.zeros((B,), jnp.int32),
-    SamplingBatch.build([SamplingParams()] * B, [0] * B, B),
-    jnp.zeros((B,), jnp.int32),
-    num_top,
-  )
+  tokens, _, _, zeros, sampling, _ = runner.dummy_inputs(shape)
+  args = jax.device_put((tokens, positions, page_table, zeros, sampling, zeros))
+  executable = runner.executables[shape]
 
   def run():
-    sampled, _, runner.cache = model_step(model.graphdef, model.state, runner.cache, *args)
+    sampled, _, runner.cache = executable(model.state, runner.cache, *args)
     sampled.tokens.block_until_ready()
 
   return median_time(run, repeats)
@@ -154,7 +146,7 @@ def commonest(steps: dict) -> tuple[int, ...]:
 
 
 def throughput(run: Run) -> float:
-  return sum(len(o.token_ids) for o in run.outputs) / run.seconds
+  return sum(o.num_output_tokens for o in run.outputs) / run.seconds
 
 
 def percentile(values, q) -> float:
@@ -236,7 +228,7 @@ def main() -> None:
     outputs = [o for run in runs[n] for o in run.outputs]
     ttft = [o.timing.first_token_s for o in outputs]
     tpot = [
-      (o.timing.finished_s - o.timing.first_token_s) / (len(o.token_ids) - 1) for o in outputs
+      (o.timing.finished_s - o.timing.first_token_s) / (o.num_output_tokens - 1) for o in outputs
     ]
     steps = collections.defaultdict(list)
     for run in runs[n]:

@@ -1,6 +1,7 @@
 """Generation with the paged KV cache: golden continuations, cache consistency, sampling."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import first_near_tie
@@ -147,7 +148,7 @@ def test_steady_state_never_recompiles(llm, golden):
   [
     ("", SamplingParams(), "prompt"),
     ([], SamplingParams(), "prompts"),
-    ([10**9], SamplingParams(), "prompt: token ids"),
+    ([10**9], SamplingParams(), "token_ids: ids must lie"),
     ("x " * 600, SamplingParams(), "max_model_len"),
   ],
 )
@@ -234,3 +235,37 @@ def test_penalties_match_a_numpy_reference():
     for t in set(out):
       want[row, t] -= p.presence_penalty + p.frequency_penalty * out.count(t)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_top_p_one_keeps_the_whole_tail_beside_filtered_rows():
+  """A top_p = 1 row batched with a top-p row keeps every token: its float32 cumulative mass
+  reaches 1.0 before the tail ends, which once cut the tail off."""
+  from engine.sampling import _top_k_top_p
+
+  rng = np.random.default_rng(0)
+  scaled = rng.normal(size=(2, 49152)).astype(np.float32)
+  scaled[:, 0] = 40.0  # a confident row (or a low temperature): float32 mass hits 1.0 at once
+  probs = jnp.sort(jax.nn.softmax(scaled[0]))[::-1]
+  assert ((jnp.cumsum(probs) - probs) >= 1.0).any()  # the case that broke
+  top_k, top_p = np.array([0, 0], np.int32), np.array([1.0, 0.9], np.float32)
+  masked = np.asarray(jax.jit(_top_k_top_p)(scaled, top_k, top_p))
+  np.testing.assert_array_equal(masked[0], scaled[0])
+  assert np.isinf(masked[1]).any()
+
+
+def test_seeded_row_is_batch_invariant_beside_top_p_and_top_k_rows(llm, golden):
+  """Done-means 7 of the server issue: a top_p = 1 row gives the same tokens next to top-p
+  and top-k rows as alone."""
+  prompt = golden.case(2)["ids"].tolist()
+  plain = SamplingParams(max_tokens=16, temperature=1.0, seed=7)
+  alone = llm.generate(prompt, plain)[0].token_ids
+  others = [golden.case(i)["ids"].tolist() for i in (0, 1)]
+  mixed = llm.generate(
+    [*others, prompt],
+    [
+      SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1),
+      SamplingParams(max_tokens=16, temperature=0.8, top_k=20, seed=2),
+      plain,
+    ],
+  )
+  assert mixed[-1].token_ids == alone
