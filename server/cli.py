@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import sys
 import time
 
@@ -43,6 +44,44 @@ def _generate(args: argparse.Namespace) -> int:
   sys.stdout.write("\n")
   log.info("finish_reason=%s tokens=%d", out[0].finish_reason, len(out[0].token_ids))
   return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+  import asyncio
+
+  from engine import EngineConfig
+  from server.serve import ServeOptions, serve
+
+  if bool(args.tls_cert) != bool(args.tls_key):
+    raise ValueError("--tls-cert and --tls-key go together")
+  for flag in ("tls_cert", "tls_key", "auth_token_file"):
+    path = getattr(args, flag)
+    if path is not None and not path.is_file():
+      raise FileNotFoundError(f"--{flag.replace('_', '-')}: {path} not found")
+  engine = EngineConfig(
+    page_size=args.page_size,
+    num_pages=args.num_pages,
+    max_model_len=args.max_model_len,
+    max_batch=args.max_batch,
+    max_num_batched_tokens=args.max_num_batched_tokens,
+    seed=args.seed,
+  )
+  opts = ServeOptions(
+    model=args.model,
+    layout=args.layout,
+    host=args.host,
+    port=args.port,
+    metrics_port=args.metrics_port,
+    engine=engine,
+    max_queue=args.max_queue,
+    tls_cert=args.tls_cert,
+    tls_key=args.tls_key,
+    auth_token_file=args.auth_token_file,
+    drain_timeout=args.drain_timeout,
+    warmup=not args.no_warmup,
+    compilation_cache=args.compilation_cache,
+  )
+  return asyncio.run(serve(opts))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -111,6 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
   _add_device_flags(gen)
   gen.set_defaults(func=_generate)
 
+  srv = sub.add_parser("serve", help="run the gRPC server (meshserve.v1.Inference)")
+  srv.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf path or Orbax dir")
+  srv.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
+  srv.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+  srv.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics")
+  srv.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens")
+  srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+  srv.add_argument("--num-pages", type=int, default=1024, help="KV cache pages")
+  srv.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+  srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="step token budget")
+  srv.add_argument(
+    "--max-queue", type=int, default=256,
+    help="requests that may wait beyond --max-batch; more get RESOURCE_EXHAUSTED",
+  )  # fmt: skip
+  srv.add_argument("--seed", type=int, default=0, help="seeds the seeds of unseeded requests")
+  srv.add_argument("--tls-cert", type=pathlib.Path, default=None, help="PEM certificate chain")
+  srv.add_argument("--tls-key", type=pathlib.Path, default=None, help="PEM private key")
+  srv.add_argument(
+    "--auth-token-file", type=pathlib.Path, default=None,
+    help="require 'authorization: Bearer <token>' (health checks stay open)",
+  )  # fmt: skip
+  srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+  srv.add_argument(
+    "--compilation-cache", default=None,
+    help="persistent JAX compilation cache dir (default ~/.cache/meshserve/jax; '' = off)",
+  )  # fmt: skip
+  srv.add_argument(
+    "--no-warmup", action="store_true", help="skip compiling every step shape before SERVING"
+  )
+  _add_device_flags(srv)
+  srv.set_defaults(func=_serve)
+
+  from server import client
+
+  client.add_parser(sub)
+
   conv = sub.add_parser("convert", help="write an Orbax checkpoint of a model")
   conv.add_argument("src", help="model name or .gguf path")
   conv.add_argument("dst", help="new or empty directory")
@@ -120,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # silences libtpu probing on CPU machines
   args = build_parser().parse_args(argv)
   logging.basicConfig(
     level=logging.WARNING if args.quiet else logging.INFO,

@@ -1,0 +1,211 @@
+"""`meshserve serve`: the gRPC server on one process (colocated prefill and decode).
+
+Start-up, in order, each stage logged with its timing:
+1. the port opens with health NOT_SERVING, so probes get an answer from the first second;
+2. the model loads (progress bar);
+3. the engine core compiles every step shape (progress bar; the persistent compilation cache
+   makes a restart quick), then health turns SERVING.
+
+SIGTERM or SIGINT turns health NOT_SERVING, lets in-flight streams finish (at most
+`drain_timeout` seconds, after which they are cancelled), stops the engine and returns 0.
+A failed engine turns health NOT_SERVING for good: its streams end with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import os
+import pathlib
+import signal
+import time
+
+import grpc
+import jax
+import jax.numpy as jnp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from engine import AsyncEngine, Engine, EngineConfig
+from engine.runner import enable_compilation_cache
+from server.metrics import Metrics
+from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
+from server.servicer import InferenceServicer, ServingInfo
+
+log = logging.getLogger("meshserve.server")
+
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own limit, above the servicer's 1 MiB per text field
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+  model: str
+  layout: str | None = None
+  host: str = "0.0.0.0"
+  port: int = 50051
+  metrics_port: int | None = None
+  engine: EngineConfig = EngineConfig()
+  max_queue: int | None = 256
+  tls_cert: pathlib.Path | None = None
+  tls_key: pathlib.Path | None = None
+  auth_token_file: pathlib.Path | None = None
+  drain_timeout: float = 30.0
+  warmup: bool = True
+  compilation_cache: str | None = None  # a directory; "" turns the cache off
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+  """Requires `authorization: Bearer <token>` on every call but health checks."""
+
+  def __init__(self, token: str):
+    self.expected = f"Bearer {token}".encode()
+
+  async def intercept_service(self, continuation, details):
+    handler = await continuation(details)
+    if handler is None or details.method.startswith(HEALTH_PREFIX):
+      return handler
+    given = dict(details.invocation_metadata).get("authorization", "")
+    if hmac.compare_digest(given.encode(), self.expected):
+      return handler
+    return _refusal(handler, "missing or wrong bearer token (metadata 'authorization')")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+  """A handler of the same kind as `handler` that fails with UNAUTHENTICATED."""
+
+  async def refuse(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+  async def refuse_stream(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    yield  # makes this an async generator, as a streaming handler must be
+
+  kinds = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+  }
+  streaming = (handler.request_streaming, handler.response_streaming)
+  return kinds[streaming](
+    refuse_stream if handler.response_streaming else refuse,
+    request_deserializer=handler.request_deserializer,
+    response_serializer=handler.response_serializer,
+  )
+
+
+def fault_hook():
+  """Test-only: when $MESHSERVE_TEST_FAULT_FILE is set, a step fails once that file exists."""
+  path = os.environ.get("MESHSERVE_TEST_FAULT_FILE")
+  if not path:
+    return None
+
+  def hook():
+    if os.path.exists(path):
+      raise RuntimeError(f"fault injected through {path}")
+
+  return hook
+
+
+async def serve(opts: ServeOptions) -> int:
+  """Runs the server until SIGTERM/SIGINT; returns the process exit status."""
+  loop = asyncio.get_running_loop()
+  start = time.perf_counter()
+  token = None
+  if opts.auth_token_file is not None:
+    token = opts.auth_token_file.read_text().strip()
+    if not token:
+      raise ValueError(f"--auth-token-file: {opts.auth_token_file} is empty")
+  stop = asyncio.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stop.set)
+  if opts.compilation_cache != "":
+    log.info("persistent compilation cache: %s", enable_compilation_cache(opts.compilation_cache))
+  model = await asyncio.to_thread(_load, opts)
+
+  health = HealthServicer()
+
+  def on_dead(error: Exception) -> None:  # on the engine core's thread
+    not_serving = _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    asyncio.run_coroutine_threadsafe(not_serving, loop)
+
+  # The warm-up starts now, on the engine core's thread; health says SERVING once it is done.
+  engine = AsyncEngine(
+    Engine(model, opts.engine), max_queue=opts.max_queue, warmup=opts.warmup,
+    step_hook=fault_hook(), on_dead=on_dead,
+  )  # fmt: skip
+  metrics = Metrics(engine.stats)
+  info = ServingInfo(
+    model=model.config.name,
+    layout=str(model.layout) if model.layout is not None else "single device",
+    num_devices=1 if model.mesh is None else model.mesh.size,
+    platform=jax.default_backend(),
+    attention=model.attention.kind,
+    dtype=jnp.dtype(model.config.dtype).name,
+  )
+  server, port = _grpc_server(opts, InferenceServicer(engine, info, metrics), health, token)
+  await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+  await server.start()
+  tls = " with TLS" if opts.tls_cert else ""
+  log.info("listening on %s:%d%s; NOT_SERVING until warm", opts.host, port, tls)
+  if opts.metrics_port is not None:
+    metrics.serve(opts.metrics_port, opts.host)
+    log.info("metrics on http://%s:%d/metrics", opts.host, opts.metrics_port)
+
+  while not (engine.ready.is_set() or stop.is_set()):  # a signal may cut the warm-up short
+    await asyncio.sleep(0.1)
+  if engine.error is not None:
+    log.error("the engine failed to start: %s", engine.error)
+    await server.stop(0)
+    return 1
+  if not stop.is_set():
+    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    log.info("SERVING %s on port %d, ready in %.1fs", SERVICE, port, time.perf_counter() - start)
+    await stop.wait()
+
+  log.info("draining: in-flight streams get up to %.0fs", opts.drain_timeout)
+  drain = time.perf_counter()
+  await health.enter_graceful_shutdown()
+  await server.stop(opts.drain_timeout)
+  if engine.ready.is_set():  # else the core thread is still compiling: it dies with the process
+    await asyncio.to_thread(engine.shutdown, 10.0)
+  log.info("stopped after draining for %.1fs", time.perf_counter() - drain)
+  return 0
+
+
+def _grpc_server(
+  opts: ServeOptions, servicer: InferenceServicer, health: HealthServicer, token: str | None
+):
+  """The server with every service registered and its port bound, not started yet."""
+  server = grpc.aio.server(
+    interceptors=[BearerTokenAuth(token)] if token else [],
+    options=[
+      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ],
+  )
+  inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+  health_pb2_grpc.add_HealthServicer_to_server(health, server)
+  services = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+  reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
+  address = f"{opts.host}:{opts.port}"
+  if opts.tls_cert is None:
+    return server, server.add_insecure_port(address)
+  key_and_cert = (opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())
+  return server, server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
+
+
+async def _set_health(health: HealthServicer, status) -> None:
+  await health.set("", status)
+  await health.set(SERVICE, status)
+
+
+def _load(opts: ServeOptions):
+  from models import load_model
+
+  return load_model(opts.model, layout=opts.layout)

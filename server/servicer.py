@@ -1,0 +1,255 @@
+"""`meshserve.v1.Inference` over an `AsyncEngine`: protos in, engine calls, protos out.
+
+Every failure has one status code, and its message names the field at fault:
+  INVALID_ARGUMENT    bad input (the message starts with the field, e.g. "sampling.top_p")
+  ALREADY_EXISTS      a request_id that is still streaming
+  RESOURCE_EXHAUSTED  the queue is full
+  DEADLINE_EXCEEDED   the call's deadline passed
+  UNAVAILABLE         the engine has failed or is shutting down
+A request whose client disconnects or cancels is aborted and its KV pages freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from engine import (
+  AsyncEngine,
+  EngineDeadError,
+  QueueFullError,
+  RequestDelta,
+  RequestIdInUseError,
+  SamplingParams,
+)
+from engine.sampling import MAX_LOGPROBS
+from server.metrics import Metrics
+from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import inference_pb2_grpc
+
+log = logging.getLogger("meshserve.requests")
+
+MAX_TEXT_BYTES = 1 << 20  # a longer text cannot fit any context; refuse it before tokenizing
+DEFAULT_MAX_TOKENS = 64
+CHAT_ROLES = ("system", "user", "assistant")
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingInfo:
+  """What GetModelInfo reports besides the engine's own configuration."""
+
+  model: str
+  layout: str
+  num_devices: int
+  platform: str
+  attention: str
+  dtype: str
+
+
+class InvalidArgument(ValueError):
+  pass
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+  def __init__(self, engine: AsyncEngine, info: ServingInfo, metrics: Metrics):
+    self.engine, self.info, self.metrics = engine, info, metrics
+    self.config = engine.engine.config
+
+  async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    start, status, delta = time.perf_counter(), grpc.StatusCode.OK, None
+    try:
+      prompt = self._prompt(request.text, request.token_ids, request.messages)
+      params = self._sampling(request.sampling, len(prompt))
+      deadline = None
+      if (remaining := context.time_remaining()) is not None:
+        deadline = asyncio.get_running_loop().time() + remaining
+      stream = self.engine.generate(prompt, params, request.request_id or None, deadline=deadline)
+      async with contextlib.aclosing(stream):
+        async for delta in stream:
+          if delta.finish_reason == "abort":
+            raise EngineDeadError("the request was aborted: the server is shutting down")
+          yield _response(delta)
+    except (ValueError, InvalidArgument) as e:
+      status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    except RequestIdInUseError as e:
+      status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
+    except QueueFullError as e:
+      status, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    except TimeoutError:
+      status, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
+    except EngineDeadError as e:
+      status, message = grpc.StatusCode.UNAVAILABLE, str(e)
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+      status = grpc.StatusCode.CANCELLED
+      raise
+    finally:
+      self._record(request.request_id, delta, status, time.perf_counter() - start)
+    if status != grpc.StatusCode.OK:
+      await context.abort(status, message)
+
+  async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+    try:
+      if bool(request.text) == bool(request.messages):
+        raise InvalidArgument("input: set exactly one of text and messages")
+      if request.messages:
+        text, ids = self.engine.encode_chat(_messages(request.messages))
+      else:
+        _check_size(request.text)
+        text, ids = request.text, self.engine.tokenizer.encode(request.text)
+    except ValueError as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    return pb.TokenizeResponse(token_ids=ids, text=text)
+
+  async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
+    cfg, model_cfg, stats = self.config, self.engine.engine.model.config, self.engine.stats()
+    return pb.ModelInfo(
+      model=self.info.model,
+      vocab_size=model_cfg.vocab_size,
+      max_model_len=cfg.max_model_len,
+      max_batch=cfg.max_batch,
+      max_queue=self.engine.max_queue if self.engine.max_queue is not None else -1,
+      page_size=cfg.page_size,
+      max_logprobs=MAX_LOGPROBS,
+      eos_token_ids=sorted(model_cfg.eos_token_ids),
+      layout=self.info.layout,
+      num_devices=self.info.num_devices,
+      platform=self.info.platform,
+      attention=self.info.attention,
+      dtype=self.info.dtype,
+      stages=[pb.Stage(role="colocated", stats=stage_stats(stats))],
+      max_num_batched_tokens=cfg.max_num_batched_tokens,
+    )
+
+  def _prompt(self, text: str, token_ids, messages) -> str | list[int]:
+    given = [name for name, v in (("text", text), ("token_ids", token_ids), ("messages", messages))
+             if v]  # fmt: skip
+    if len(given) != 1:
+      got = " and ".join(given) if given else "none"
+      raise InvalidArgument(f"input: set exactly one of text, token_ids and messages (got {got})")
+    if messages:
+      return self.engine.encode_chat(_messages(messages))[1]
+    if text:
+      _check_size(text)
+      return text
+    if len(token_ids) >= self.config.max_model_len:
+      raise InvalidArgument(
+        f"token_ids: {len(token_ids)} ids leave no room within max_model_len "
+        f"{self.config.max_model_len}"
+      )
+    return list(token_ids)
+
+  def _sampling(self, s: pb.SamplingParams, prompt_len: int) -> SamplingParams:
+    vocab = self.engine.engine.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in s.stop_token_ids):
+      raise InvalidArgument(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
+    room = self.config.max_model_len - prompt_len
+    if s.HasField("max_tokens") and s.max_tokens > 0 and s.max_tokens > room:
+      raise InvalidArgument(
+        f"sampling.max_tokens: a {prompt_len}-token prompt plus {s.max_tokens} tokens exceed "
+        f"max_model_len {self.config.max_model_len}"
+      )
+    try:
+      return SamplingParams(
+        max_tokens=s.max_tokens
+        if s.HasField("max_tokens")
+        else max(min(DEFAULT_MAX_TOKENS, room), 1),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+      )
+    except ValueError as e:  # SamplingParams' messages start with the field name
+      raise InvalidArgument(f"sampling.{e}") from None
+
+  def _record(self, request_id: str, last: RequestDelta | None, status, seconds: float) -> None:
+    """The request's log line and metrics, once it is over however it ended."""
+    self.metrics.request_done(status.name, last)
+    request_id = request_id or (last.request_id if last else "-")
+    if last is None:
+      log.info("request %r: %s after %.3fs", request_id, status.name, seconds)
+      return
+    t = last.timing
+    log.info(
+      "request %r: %s finish=%s prompt=%d cached=%d output=%d queue=%s ttft=%s total=%.3fs",
+      request_id, status.name, last.finish_reason, last.num_prompt_tokens,
+      last.num_cached_tokens, last.num_output_tokens, _seconds(t.queued_s),
+      _seconds(t.first_token_s), seconds,
+    )  # fmt: skip
+
+
+def stage_stats(stats: dict[str, int]) -> pb.StageStats:
+  return pb.StageStats(
+    running=stats["running"],
+    waiting=stats["waiting"],
+    free_kv_pages=stats["free_pages"],
+    total_kv_pages=stats["total_pages"],
+    cached_prompt_tokens=stats["cached_tokens"],
+    preemptions=stats["preemptions"],
+    steps=stats["steps"],
+    compilations=stats["compilations"],
+  )
+
+
+def _response(delta: RequestDelta) -> pb.GenerateResponse:
+  out = pb.GenerateResponse(
+    request_id=delta.request_id, token_ids=delta.new_token_ids, text=delta.new_text
+  )
+  for lp in delta.new_logprobs or ():
+    top = [pb.TopLogprob(token_id=i, logprob=p) for i, p in lp.top]
+    out.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top))
+  if delta.finished:
+    out.finish_reason = FINISH_REASONS[delta.finish_reason]
+    out.usage.CopyFrom(
+      pb.Usage(
+        prompt_tokens=delta.num_prompt_tokens,
+        completion_tokens=delta.num_output_tokens,
+        cached_prompt_tokens=delta.num_cached_tokens,
+      )
+    )
+    t = delta.timing
+    queued, first, total = t.queued_s or 0.0, t.first_token_s or 0.0, t.finished_s or 0.0
+    out.timing.CopyFrom(
+      pb.Timing(
+        queue_s=queued,
+        prefill_s=max(first - queued, 0.0),
+        transfer_s=0.0,
+        time_to_first_token_s=first,
+        decode_s=max(total - first, 0.0),
+        total_s=total,
+      )
+    )
+  return out
+
+
+def _messages(messages) -> list[dict[str, str]]:
+  out = []
+  for i, m in enumerate(messages):
+    if m.role not in CHAT_ROLES:
+      raise InvalidArgument(f"messages[{i}].role: {m.role!r} is not one of {', '.join(CHAT_ROLES)}")
+    _check_size(m.content, f"messages[{i}].content")
+    out.append({"role": m.role, "content": m.content})
+  return out
+
+
+def _check_size(text: str, field: str = "text") -> None:
+  size = len(text.encode())
+  if size > MAX_TEXT_BYTES:
+    raise InvalidArgument(f"{field}: {size} bytes exceed the limit of {MAX_TEXT_BYTES}")
+
+
+def _seconds(x: float | None) -> str:
+  return "-" if x is None else f"{x:.3f}s"

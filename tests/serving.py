@@ -1,0 +1,97 @@
+"""A `meshserve serve` subprocess for tests: free loopback ports, bounded waits, and stopped by
+its own PID only."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.proto.meshserve.v1 import inference_pb2_grpc
+
+# The engine shape every server test uses: small, so a cold warm-up compiles ~30 step shapes.
+ENGINE_FLAGS = (
+  "--max-model-len", "256", "--max-batch", "8", "--num-pages", "128",
+  "--max-num-batched-tokens", "64",
+)  # fmt: skip
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+async def read_all(call: grpc.aio.UnaryStreamCall):
+  """The rest of a stream already read from with read() (gRPC forbids mixing in `async for`)."""
+  while (response := await call.read()) != grpc.aio.EOF:
+    yield response
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  def __init__(self, *flags: str, log: pathlib.Path, env: dict[str, str] | None = None):
+    self.port, self.metrics_port = free_port(), free_port()
+    self.address = f"127.0.0.1:{self.port}"
+    self.log = log
+    argv = [
+      sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+      "--port", str(self.port), "--metrics-port", str(self.metrics_port), *ENGINE_FLAGS, *flags,
+    ]  # fmt: skip
+    self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
+    self.proc = subprocess.Popen(
+      argv, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
+    )  # fmt: skip
+
+  def channel(self, credentials: grpc.ChannelCredentials | None = None, **kw) -> grpc.Channel:
+    if credentials is None:
+      return grpc.insecure_channel(self.address)
+    return grpc.secure_channel(self.address, credentials, **kw)
+
+  def stub(self, channel: grpc.Channel) -> inference_pb2_grpc.InferenceStub:
+    return inference_pb2_grpc.InferenceStub(channel)
+
+  def health(self, channel: grpc.Channel, service: str = "") -> str:
+    request = health_pb2.HealthCheckRequest(service=service)
+    status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+  def wait_serving(self, timeout: float = 600.0, **channel_kw) -> list[str]:
+    """Polls health (bounded) until SERVING; returns the statuses seen on the way."""
+    seen, deadline = [], time.monotonic() + timeout
+    with self.channel(**channel_kw) as channel:
+      while time.monotonic() < deadline:
+        if self.proc.poll() is not None:
+          raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+          seen.append(self.health(channel))
+        except grpc.RpcError:
+          seen.append("NO_ANSWER")
+        if seen[-1] == "SERVING":
+          return seen
+        time.sleep(0.25)
+    raise TimeoutError(f"not SERVING after {timeout}s:\n{self.output()}")
+
+  def output(self) -> str:
+    self._log_file.flush()
+    return self.log.read_text()
+
+  def terminate(self, timeout: float = 60.0) -> int:
+    """SIGTERM to this server's PID; its exit status."""
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+    return self.proc.wait(timeout)
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait(30)
+    self._log_file.close()

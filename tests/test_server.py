@@ -1,0 +1,346 @@
+"""`meshserve serve` as its users meet it: a subprocess on a loopback port, called over gRPC.
+
+One server runs the whole module; the last test drains it with SIGTERM. Offline references run
+in this process on an `LLM` with the server's engine shape, one request at a time as sent.
+"""
+
+import asyncio
+import importlib.util
+import json
+import pathlib
+import random
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from conftest import assert_greedy_equal
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+  ProtoReflectionDescriptorDatabase,
+)
+from serving import Server, read_all
+
+from engine import LLM, EngineConfig, SamplingParams
+from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import inference_pb2_grpc
+
+ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  s = Server(log=tmp_path_factory.mktemp("server") / "server.log")
+  try:
+    s.seen = s.wait_serving()
+    yield s
+  finally:
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+  with server.channel() as channel:
+    yield server.stub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+  return LLM(model, ENGINE)
+
+
+def collect(stub, request: pb.GenerateRequest, **kw) -> tuple[list[int], str, pb.GenerateResponse]:
+  ids, text, last = [], "", None
+  for r in stub.Generate(request, timeout=120, **kw):
+    ids += r.token_ids
+    text += r.text
+    last = r
+  return ids, text, last
+
+
+def model_info(stub) -> pb.ModelInfo:
+  return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+
+def wait_all_pages_free(stub, timeout: float = 30.0) -> pb.StageStats:
+  deadline = time.monotonic() + timeout
+  while True:
+    stats = model_info(stub).stages[0].stats
+    if stats.free_kv_pages == stats.total_kv_pages and stats.running == stats.waiting == 0:
+      return stats
+    if time.monotonic() > deadline:
+      pytest.fail(f"pages not returned after {timeout}s: {stats}")
+    time.sleep(0.1)
+
+
+def test_health_turns_serving_only_after_warmup(server, stub):
+  log = server.output()
+  compiled = re.search(r"compiled (\d+) step shapes", log)
+  assert compiled and log.index(compiled.group(0)) < log.index("SERVING meshserve.v1.Inference")
+  assert set(server.seen[:-1]) <= {"NO_ANSWER", "NOT_SERVING"} and server.seen[-1] == "SERVING"
+  assert int(compiled.group(1)) == len(ENGINE.step_shapes)
+  assert model_info(stub).stages[0].stats.compilations == len(ENGINE.step_shapes)
+
+
+def test_a_client_built_from_reflection_alone(server):
+  """No stubs and no .proto: the service is found, its messages built and Generate called."""
+  with server.channel() as channel:
+    db = ProtoReflectionDescriptorDatabase(channel)
+    assert "meshserve.v1.Inference" in db.get_services()
+    pool = descriptor_pool.DescriptorPool(db)
+    method = pool.FindServiceByName("meshserve.v1.Inference").FindMethodByName("Generate")
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    call = channel.unary_stream(
+      "/meshserve.v1.Inference/Generate",
+      request_serializer=request_class.SerializeToString,
+      response_deserializer=response_class.FromString,
+    )
+    request = request_class(text="The capital of France is", sampling={"max_tokens": 8})
+    text = "".join(r.text for r in call(request, timeout=60))
+  assert "Paris" in text
+
+
+def test_golden_prompts_equal_offline_outputs_greedy_and_seeded(stub, offline, golden, model):
+  seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+  for i in range(golden.n):
+    case = golden.case(i)
+    prompt = case["ids"].tolist()
+    greedy = SamplingParams(max_tokens=len(case["greedy"]))
+    want = offline.generate(prompt, greedy)[0]
+    ids, text, last = collect(
+      stub,
+      pb.GenerateRequest(
+        token_ids=prompt, sampling=pb.SamplingParams(max_tokens=len(case["greedy"]))
+      ),
+    )
+    assert (ids, text) == (want.token_ids, want.text)
+    assert_greedy_equal(model, prompt, case["greedy"].tolist(), ids)
+    assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == len(ids)
+
+    want = offline.generate(prompt, seeded)[0]
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+    ids, text, _ = collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=sampling))
+    assert (ids, text) == (want.token_ids, want.text)
+
+
+def test_chat_and_text_inputs_are_templated_and_tokenized_as_offline(stub, offline, golden):
+  i = golden.chat_cases()[0]
+  messages = golden.messages(i)
+  want = offline.chat([messages], SamplingParams(max_tokens=16))[0]
+  chat = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+  ids, text, _ = collect(
+    stub, pb.GenerateRequest(messages=chat, sampling=pb.SamplingParams(max_tokens=16))
+  )
+  assert (ids, text) == (want.token_ids, want.text)
+  tokenized = stub.Tokenize(pb.TokenizeRequest(messages=chat), timeout=10)
+  assert list(tokenized.token_ids) == golden.case(i)["ids"].tolist()
+  assert tokenized.text == offline.tokenizer.apply_chat_template(messages)
+
+
+BAD_INPUTS = [
+  ({}, "input"),
+  ({"text": "hi", "token_ids": [1, 2]}, "input"),
+  ({"text": "hi", "sampling": {"temperature": float("nan")}}, "sampling.temperature"),
+  ({"text": "hi", "sampling": {"temperature": -0.5}}, "sampling.temperature"),
+  ({"text": "hi", "sampling": {"top_p": 0.0}}, "sampling.top_p"),
+  ({"text": "hi", "sampling": {"top_p": 1.5}}, "sampling.top_p"),
+  ({"text": "hi", "sampling": {"top_k": -1}}, "sampling.top_k"),
+  ({"text": "hi", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
+  ({"text": "hi", "sampling": {"max_tokens": -3}}, "sampling.max_tokens"),
+  ({"text": "hi", "sampling": {"max_tokens": 255}}, "sampling.max_tokens"),  # + prompt > 256
+  ({"token_ids": [1] * 300}, "token_ids"),
+  ({"token_ids": [5, 49152]}, "token_ids"),
+  ({"token_ids": [-1]}, "token_ids"),
+  ({"text": "hi", "sampling": {"logprobs": 21}}, "sampling.logprobs"),
+  ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+  ({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}, "messages[0].content"),
+  ({"text": "x" * (2 << 20)}, "text"),
+  ({"text": "hi", "sampling": {"stop": [""]}}, "sampling.stop"),
+  ({"text": "hi", "sampling": {"stop_token_ids": [99999]}}, "sampling.stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_INPUTS, ids=[f for _, f in BAD_INPUTS])
+def test_bad_input_gets_invalid_argument_naming_the_field(stub, fields, field):
+  with pytest.raises(grpc.RpcError) as e:
+    collect(stub, pb.GenerateRequest(**fields))
+  assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert e.value.details().startswith(field), e.value.details()
+
+
+def test_after_bad_input_a_normal_request_is_served(stub, offline):
+  want = offline.generate("The capital of France is", SamplingParams(max_tokens=8))[0]
+  ids, _, _ = collect(
+    stub,
+    pb.GenerateRequest(text="The capital of France is", sampling=pb.SamplingParams(max_tokens=8)),
+  )
+  assert ids == want.token_ids
+  wait_all_pages_free(stub)
+
+
+def test_a_request_id_in_flight_cannot_be_reused(stub):
+  request = pb.GenerateRequest(
+    request_id="twice", text="Count to a hundred:", sampling=pb.SamplingParams(max_tokens=40)
+  )
+  first = stub.Generate(request, timeout=60)
+  assert next(first).request_id == "twice"
+  with pytest.raises(grpc.RpcError) as e:
+    collect(stub, request)
+  assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in e.value.details()
+  rest = list(first)
+  assert rest[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+  assert collect(stub, request)[2].request_id == "twice"  # free again once finished
+
+
+def test_50_cancels_and_deadlines_at_random_points_return_every_page(server, stub, offline):
+  rng = random.Random(0)
+
+  async def one(stub_aio, i: int) -> str:
+    request = pb.GenerateRequest(
+      text=f"Story number {i}: once upon a time", sampling=pb.SamplingParams(max_tokens=60)
+    )
+    if i % 2:  # a deadline that passes somewhere between queueing and decoding
+      try:
+        async for _ in stub_aio.Generate(request, timeout=rng.uniform(0.02, 3.0)):
+          pass
+      except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+        return "deadline"
+      return "done"
+    call = stub_aio.Generate(request, timeout=120)
+    cut = rng.randrange(0, 20)
+    async for k, _ in _enumerate(call):
+      if k >= cut:
+        call.cancel()
+        return "cancelled"
+    return "done"
+
+  async def main():
+    async with grpc.aio.insecure_channel(server.address) as channel:
+      stub_aio = inference_pb2_grpc.InferenceStub(channel)
+      return await asyncio.gather(*(one(stub_aio, i) for i in range(50)))
+
+  outcomes = asyncio.run(main())
+  assert outcomes.count("cancelled") > 10 and outcomes.count("deadline") > 5, outcomes
+  wait_all_pages_free(stub)
+  test_after_bad_input_a_normal_request_is_served(stub, offline)
+
+
+async def _enumerate(aiter):
+  k = 0
+  async for item in aiter:
+    yield k, item
+    k += 1
+
+
+def test_64_concurrent_streams_complete_correctly(server, stub, offline, model):
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(100, 40000, size=rng.integers(4, 40)).tolist() for _ in range(64)]
+  params = SamplingParams(max_tokens=12, ignore_eos=True)
+  want = offline.generate(prompts, params)
+
+  async def one(stub_aio, i):
+    request = pb.GenerateRequest(
+      request_id=f"r{i}", token_ids=prompts[i],
+      sampling=pb.SamplingParams(max_tokens=12, ignore_eos=True),
+    )  # fmt: skip
+    responses = [r async for r in stub_aio.Generate(request, timeout=300)]
+    assert {r.request_id for r in responses} == {f"r{i}"}
+    return responses
+
+  async def main():
+    async with grpc.aio.insecure_channel(server.address) as channel:
+      stub_aio = inference_pb2_grpc.InferenceStub(channel)
+      return await asyncio.gather(*(one(stub_aio, i) for i in range(64)))
+
+  results = asyncio.run(main())
+  for i, responses in enumerate(results):
+    ids = [t for r in responses for t in r.token_ids]
+    assert len(ids) == 12 == responses[-1].usage.completion_tokens
+    assert_greedy_equal(model, prompts[i], want[i].token_ids, ids)
+  wait_all_pages_free(stub)
+
+
+def test_metrics_are_plausible_after_traffic(server, stub):
+  text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+  metrics = {}
+  for line in text.read().decode().splitlines():
+    if line and not line.startswith("#"):
+      name, value = line.rsplit(" ", 1)
+      metrics[name] = float(value)
+  ok = metrics['meshserve_requests_total{finish_reason="length",status="OK"}']
+  assert ok >= 64
+  assert metrics['meshserve_requests_total{finish_reason="none",status="INVALID_ARGUMENT"}'] >= 15
+  assert metrics["meshserve_generation_tokens_total"] >= 64 * 12
+  assert metrics["meshserve_prompt_tokens_total"] > metrics["meshserve_prompt_cached_tokens_total"]
+  assert metrics["meshserve_time_to_first_token_seconds_count"] >= ok
+  assert 0 < metrics["meshserve_time_per_output_token_seconds_sum"] < 10 * ok
+  assert metrics["meshserve_kv_pages_free"] == metrics["meshserve_kv_pages_total"] == 127
+  assert metrics["meshserve_requests_running"] == metrics["meshserve_requests_waiting"] == 0
+  assert 0.0 <= metrics["meshserve_prefix_cache_hit_rate"] <= 1.0
+  # Every shape was compiled in the warm-up: none since, whatever the traffic.
+  assert metrics["meshserve_compilations_total"] == len(ENGINE.step_shapes)
+  assert "compiled step" not in server.output()
+
+
+def test_client_command_streams_from_the_server(server):
+  proc = subprocess.run(
+    [sys.executable, "-m", "server.cli", "client", "--address", server.address, "--chat",
+     "--max-tokens", "16", "What is the capital of France?"],
+    capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert "Paris" in proc.stdout and "finish_reason=" in proc.stderr
+
+
+def test_benchmark_serving_never_compiles_and_compares_offline(server, stub, model, tmp_path):
+  bench = _load_script("benchmark_serving")
+  out = tmp_path / "bench.json"
+  argv = ["--address", server.address, "--concurrency", "1,4", "--num-requests", "6",
+          "--input-len", "8:40", "--output-len", "6:12", "--json", str(out)]  # fmt: skip
+  assert bench.main(argv) == 0
+  record = json.loads(out.read_text())
+  assert record["compilations"] == [len(ENGINE.step_shapes)] * 2
+  for level in record["levels"]:
+    assert level["ok"] == 6 and level["output_throughput"] > 0
+    assert level["ttft_ms"]["p50"] <= level["e2e_ms"]["p50"]
+  requests = bench.make_requests(6, (8, 40), (6, 12), seed=0)
+  info = model_info(stub)
+  (tok_s,) = bench.run_offline(model, info, [requests])
+  assert tok_s > 0
+
+
+def _load_script(name: str):
+  path = pathlib.Path(__file__).parents[1] / "scripts" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = sys.modules[name] = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_sigterm_drains_streams_in_flight_then_exits_0(server):
+  """Last: it stops the module's server."""
+
+  async def main():
+    async with grpc.aio.insecure_channel(server.address) as channel:
+      stub_aio = inference_pb2_grpc.InferenceStub(channel)
+      request = pb.GenerateRequest(
+        text="List the planets:", sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)
+      )
+      calls = [stub_aio.Generate(request, timeout=120) for _ in range(4)]
+      firsts = [await call.read() for call in calls]  # all four are streaming now
+      status = asyncio.ensure_future(asyncio.to_thread(server.terminate))
+      rests = [[r async for r in read_all(call)] for call in calls]
+      return firsts, rests, await status
+
+  firsts, rests, status = asyncio.run(main())
+  assert status == 0, server.output()
+  for first, rest in zip(firsts, rests, strict=True):
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 40
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+  assert "draining" in server.output()

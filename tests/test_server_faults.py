@@ -1,0 +1,132 @@
+"""The server under TLS and bearer-token auth, with a queue limit, and with an injected engine
+failure (the test-only $MESHSERVE_TEST_FAULT_FILE hook), which comes last: it kills the engine."""
+
+import asyncio
+import subprocess
+import time
+
+import grpc
+import pytest
+from serving import Server, read_all
+
+from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import inference_pb2_grpc
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+  """A self-signed certificate for 127.0.0.1, made here."""
+  d = tmp_path_factory.mktemp("tls")
+  subprocess.run(
+    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+     "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=localhost",
+     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+    check=True, capture_output=True,
+  )  # fmt: skip
+  return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tls):
+  d = tmp_path_factory.mktemp("server")
+  (d / "token").write_text(TOKEN + "\n")
+  cert, key = tls
+  s = Server(
+    "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "token"),
+    "--max-batch", "2", "--max-queue", "2",
+    log=d / "server.log", env={"MESHSERVE_TEST_FAULT_FILE": str(d / "fault")},
+  )  # fmt: skip
+  s.fault = d / "fault"
+  s.credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+  try:
+    s.wait_serving(credentials=s.credentials)
+    yield s
+  finally:
+    s.stop()
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def generate(stub, max_tokens=8, metadata=AUTH, **kw):
+  sampling = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+  request = pb.GenerateRequest(text="Once upon a time", sampling=sampling)
+  return list(stub.Generate(request, metadata=metadata, timeout=120, **kw))
+
+
+def test_tls_and_bearer_token(server):
+  with server.channel(server.credentials) as channel:
+    stub = server.stub(channel)
+    assert server.health(channel) == "SERVING"  # health needs no token
+    for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+      with pytest.raises(grpc.RpcError) as e:
+        generate(stub, metadata=metadata)
+      assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+      with pytest.raises(grpc.RpcError) as e:
+        stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=10)
+      assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert sum(len(r.token_ids) for r in generate(stub)) == 8
+  with server.channel() as plaintext, pytest.raises(grpc.RpcError) as e:
+    server.health(plaintext)  # a TLS port does not speak plaintext
+  assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_full_queue_gets_resource_exhausted(server):
+  """max_batch 2 + max_queue 2: at most 4 requests in flight; the rest are refused at once."""
+
+  async def one(stub):
+    request = pb.GenerateRequest(
+      text="Write a long poem", sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True)
+    )
+    try:
+      call = stub.Generate(request, metadata=AUTH, timeout=120)
+      return sum([len(r.token_ids) async for r in call])
+    except grpc.aio.AioRpcError as e:
+      assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue" in e.details()
+      return "refused"
+
+  async def main():
+    async with grpc.aio.secure_channel(server.address, server.credentials) as channel:
+      stub = inference_pb2_grpc.InferenceStub(channel)
+      return await asyncio.gather(*(one(stub) for _ in range(12)))
+
+  outcomes = asyncio.run(main())
+  assert outcomes.count("refused") >= 4 and outcomes.count(24) >= 4, outcomes
+  assert set(outcomes) == {24, "refused"}
+
+
+def test_an_engine_failure_ends_every_stream_with_unavailable(server):
+  async def main():
+    async with grpc.aio.secure_channel(server.address, server.credentials) as channel:
+      stub = inference_pb2_grpc.InferenceStub(channel)
+      request = pb.GenerateRequest(
+        text="Tell me everything", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
+      )
+      calls = [stub.Generate(request, metadata=AUTH, timeout=120) for _ in range(4)]
+      await calls[0].read()  # the engine is stepping
+      server.fault.touch()
+      start = time.monotonic()
+      codes = []
+      for call in calls:
+        try:
+          async for _ in read_all(call):
+            pass
+          codes.append(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as e:
+          codes.append(e.code())
+      return codes, time.monotonic() - start
+
+  codes, seconds = asyncio.run(main())
+  assert codes == [grpc.StatusCode.UNAVAILABLE] * 4 and seconds < 10
+  with server.channel(server.credentials) as channel:
+    deadline = time.monotonic() + 10
+    while server.health(channel) != "NOT_SERVING" and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert server.health(channel) == "NOT_SERVING"
+    assert server.health(channel, "meshserve.v1.Inference") == "NOT_SERVING"
+    with pytest.raises(grpc.RpcError) as e:
+      generate(server.stub(channel))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+  assert "fault injected" in server.output()
