@@ -83,6 +83,9 @@ class AsyncEngine:
   def error(self) -> EngineDeadError | None:
     return self.core.error
 
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text)
+
   def encode_chat(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[int]]:
     """(templated text, its token ids) of a conversation, generation prompt added."""
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -108,13 +111,15 @@ class AsyncEngine:
     finished = False
     try:
       self.core.add(internal, ids, params, arrival)
-      async with asyncio.timeout_at(deadline):
-        while not finished:
+      while not finished:
+        # The deadline covers the waits only: a timeout scope must not span a `yield`, where
+        # the consumer's own awaits run (and might run in another task).
+        async with asyncio.timeout_at(deadline):
           item = await stream.queue.get()
-          if isinstance(item, BaseException):
-            raise item
-          finished = item.finished
-          yield dataclasses.replace(item, request_id=stream.client_id)
+        if isinstance(item, BaseException):
+          raise item
+        finished = item.finished
+        yield dataclasses.replace(item, request_id=stream.client_id)
     finally:
       with self._lock:
         open_in_core = self._streams.pop(internal, None) is not None
@@ -163,7 +168,10 @@ class AsyncEngine:
       self._post(loop, items)
 
   def _on_dead(self, error: EngineDeadError) -> None:
-    """Core thread: every open stream ends with the error."""
+    """Core thread: every open stream ends with the error, after `on_dead` has heard of it (so
+    a caller who sees the error and asks health already hears NOT_SERVING)."""
+    if self._notify_dead is not None:
+      self._notify_dead(error)
     by_loop = collections.defaultdict(list)
     with self._lock:
       for stream in self._streams.values():
@@ -171,8 +179,6 @@ class AsyncEngine:
       self._streams.clear()
     for loop, items in by_loop.items():
       self._post(loop, items)
-    if self._notify_dead is not None:
-      self._notify_dead(error)
 
   def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
     def put_all():
@@ -183,8 +189,9 @@ class AsyncEngine:
       loop.call_soon_threadsafe(put_all)
     except RuntimeError:  # the consumer's event loop is closed: nobody is listening
       for stream, item in items:
-        if isinstance(item, RequestDelta) and not item.finished:
-          with self._lock:
+        with self._lock:
+          self._client_ids.discard(stream.client_id)
+          if isinstance(item, RequestDelta):
             self._streams.pop(item.request_id, None)
-            self._client_ids.discard(stream.client_id)
+        if isinstance(item, RequestDelta) and not item.finished:
           self.core.abort(item.request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -52,12 +53,22 @@ class EngineConfig:
     return _powers_of_two(min(self.min_prefill, longest), longest)
 
   @property
-  def prefill_row_buckets(self) -> tuple[int, ...]:
-    return _powers_of_two(1, self.max_prefill_seqs)
+  def prefill_row_buckets(self) -> tuple[int, ...]:  # prefill chunks are running requests
+    return _powers_of_two(1, min(self.max_prefill_seqs, self.max_batch))
 
   @property
   def page_buckets(self) -> tuple[int, ...]:  # pages per sequence
     return _powers_of_two(1, self.max_model_len // self.page_size)
+
+  def step_shape(
+    self, lengths: Sequence[int], pages: Sequence[int], *, prefill: bool
+  ) -> tuple[int, int, int]:
+    """The (B, T, P) of a call over chunks of these token `lengths` whose page tables hold
+    `pages` pages."""
+    if not prefill:
+      return bucket(len(lengths), self.batch_buckets), 1, self.page_buckets[-1]
+    B = bucket(len(lengths), self.prefill_row_buckets)
+    return B, bucket(max(lengths), self.prefill_buckets), bucket(max(pages), self.page_buckets)
 
   @property
   def step_shapes(self) -> tuple[tuple[int, int, int], ...]:
@@ -76,7 +87,7 @@ class EngineConfig:
         if r * t <= self.max_num_batched_tokens:
           shapes += [(r, t, p) for p in self.page_buckets if p >= fewest_pages]
       previous = t
-    return tuple(shapes)
+    return tuple(dict.fromkeys(shapes))  # with min_prefill 1, [R, 1] prefills are decodes
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -63,6 +63,7 @@ class EngineCore:
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.error: EngineDeadError | None = None
     self.ready = threading.Event()  # set once warm-up is done and the loop runs
+    self._stopping = threading.Event()  # cuts a warm-up short
     self._stats = engine.stats()  # replaced, never mutated: readers need no lock
     self._thread = threading.Thread(
       target=self._run, args=(warmup,), name="meshserve-engine-core", daemon=True
@@ -88,13 +89,14 @@ class EngineCore:
 
   def shutdown(self, timeout: float | None = None) -> None:
     """Aborts every request (their streams end with finish_reason "abort") and stops."""
+    self._stopping.set()
     self._inbox.put(_STOP)
     self._thread.join(timeout)
 
   def _run(self, warmup: bool) -> None:
     try:
       if warmup:
-        self.engine.runner.warmup()
+        self.engine.runner.warmup(cancel=self._stopping)
         self._stats = self.engine.stats()
       self.ready.set()
       while self._turn():

@@ -69,7 +69,9 @@ class RequestOutput:
     self.token_ids += delta.new_token_ids
     self.text += delta.new_text
     if delta.new_logprobs is not None:
-      self.logprobs = (self.logprobs or []) + delta.new_logprobs
+      if self.logprobs is None:
+        self.logprobs = []
+      self.logprobs.extend(delta.new_logprobs)
     self.finish_reason = delta.finish_reason
     self.num_cached_tokens, self.timing = delta.num_cached_tokens, delta.timing
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import pathlib
+import threading
 import time
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from engine.config import EngineConfig, bucket
+from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator
 from engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from engine.scheduler import Chunk, Schedule
@@ -98,9 +99,17 @@ class Runner:
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
     self._no_history = {}  # [B, max_model_len] all -1, per B: unpenalized batches share one
 
-  def warmup(self, shapes=None, *, threads: int | None = None, progress: bool = True) -> int:
+  def warmup(
+    self,
+    shapes=None,
+    *,
+    threads: int | None = None,
+    progress: bool = True,
+    cancel: threading.Event | None = None,
+  ) -> int:
     """Compiles every step shape the config can dispatch (or `shapes`) that is not compiled
-    yet; returns how many. Tracing runs here, XLA compiles on `threads` worker threads."""
+    yet; returns how many. Tracing runs here, XLA compiles on `threads` worker threads. Once
+    `cancel` is set, no new shape starts (the ones compiling finish)."""
     from tqdm import tqdm
 
     todo = [s for s in (shapes or self.config.step_shapes) if s not in self.executables]
@@ -109,20 +118,23 @@ class Runner:
     start = time.perf_counter()
     threads = threads or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="compiling step shapes", unit="shape", disable=not progress)
+    futures = {}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      futures = {}
       for shape in todo:  # the next shape is traced while the last ones compile
+        if cancel is not None and cancel.is_set():
+          break
         futures[shape] = pool.submit(self._lower(self.dummy_inputs(shape)).compile)
         futures[shape].add_done_callback(lambda _: bar.update())
-      for shape, future in futures.items():
-        self.executables[shape] = future.result()
+    for shape, future in futures.items():
+      self.executables[shape] = future.result()
     bar.close()
-    self.num_compiles += len(todo)
+    self.num_compiles += len(futures)
     log.info(
-      "compiled %d step shapes in %.1fs (%d in all)",
-      len(todo), time.perf_counter() - start, len(self.executables),
+      "compiled %d step shapes in %.1fs (%d in all)%s",
+      len(futures), time.perf_counter() - start, len(self.executables),
+      "; cancelled" if len(futures) < len(todo) else "",
     )  # fmt: skip
-    return len(todo)
+    return len(futures)
 
   def step(
     self,
@@ -166,11 +178,9 @@ class Runner:
     return results
 
   def _inputs(self, chunks: list[Chunk], allocator: PageAllocator, *, prefill: bool):
-    cfg = self.config
-    B = bucket(len(chunks), cfg.prefill_row_buckets if prefill else cfg.batch_buckets)
-    T = bucket(max(c.length for c in chunks), cfg.prefill_buckets) if prefill else 1
     tables = [allocator.table(c.request.request_id) for c in chunks]
-    P = bucket(max(len(t) for t in tables), cfg.page_buckets) if prefill else cfg.page_buckets[-1]
+    lengths, pages = [c.length for c in chunks], [len(t) for t in tables]
+    B, T, P = self.config.step_shape(lengths, pages, prefill=prefill)
     tokens = np.zeros((B, T), np.int32)
     positions = np.full((B, T), -1, np.int32)
     page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page

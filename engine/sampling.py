@@ -34,7 +34,7 @@ class SamplingParams:
   repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (HF style)
   presence_penalty: float = 0.0  # subtracted once from each token already in the output
   frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-  seed: int | None = None  # None: a fresh random seed per request
+  seed: int | None = None  # None: the engine draws one from EngineConfig.seed, in arrival order
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False

@@ -83,7 +83,7 @@ class Scheduler:
       if length == 1:
         return 1
       rows = len(out.prefills) + 1
-      if rows > cfg.max_prefill_seqs:
+      if rows > cfg.prefill_row_buckets[-1]:
         return 0
       if bucket(rows, cfg.prefill_row_buckets) * width > cfg.max_num_batched_tokens:
         return 0
@@ -144,7 +144,7 @@ class Scheduler:
     cfg = self.config
     queue = itertools.chain(self.running, self.waiting)
     lengths = (r.num_tokens - r.num_computed for r in queue)
-    pending = list(itertools.islice((n for n in lengths if n > 1), cfg.max_prefill_seqs))
+    pending = list(itertools.islice((n for n in lengths if n > 1), cfg.prefill_row_buckets[-1]))
     best, best_tokens = cfg.prefill_buckets[0], 0
     for width in cfg.prefill_buckets:
       rows = 1

@@ -11,6 +11,16 @@ import time
 
 log = logging.getLogger("meshserve")
 
+# --model defaults to models.DEFAULT_MODEL, looked up only by the commands that load a model:
+# importing `models` imports jax, which `meshserve client` does not need.
+MODEL_HELP = "model name, .gguf path or Orbax dir (default: smollm2-135m-instruct)"
+
+
+def _model(args: argparse.Namespace) -> str:
+  from models import DEFAULT_MODEL
+
+  return args.model or DEFAULT_MODEL
+
 
 def _generate(args: argparse.Namespace) -> int:
   from engine import LLM, SamplingParams
@@ -31,7 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
   )
   if not args.prompt.strip():
     raise ValueError("--prompt: the prompt is empty")
-  llm = LLM(load_model(args.model, layout=args.layout))
+  llm = LLM(load_model(_model(args), layout=args.layout))
 
   def show(_, text: str) -> None:
     sys.stdout.write(text)
@@ -52,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
   from engine import EngineConfig
   from server.serve import ServeOptions, serve
 
+  if args.max_queue < 0:
+    raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
   if bool(args.tls_cert) != bool(args.tls_key):
     raise ValueError("--tls-cert and --tls-key go together")
   for flag in ("tls_cert", "tls_key", "auth_token_file"):
@@ -67,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     seed=args.seed,
   )
   opts = ServeOptions(
-    model=args.model,
+    model=_model(args),
     layout=args.layout,
     host=args.host,
     port=args.port,
@@ -124,14 +136,12 @@ def _setup_devices(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from models import DEFAULT_MODEL
-
   parser = argparse.ArgumentParser(prog="meshserve", description=__doc__)
   parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
   sub = parser.add_subparsers(dest="command", required=True)
 
   gen = sub.add_parser("generate", help="complete one prompt offline, streaming to stdout")
-  gen.add_argument("--model", default=DEFAULT_MODEL, help="model name or .gguf path")
+  gen.add_argument("--model", default=None, help=MODEL_HELP)
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   gen.add_argument("--max-tokens", type=int, default=128)
@@ -151,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.set_defaults(func=_generate)
 
   srv = sub.add_parser("serve", help="run the gRPC server (meshserve.v1.Inference)")
-  srv.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf path or Orbax dir")
+  srv.add_argument("--model", default=None, help=MODEL_HELP)
   srv.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
   srv.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
   srv.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics")

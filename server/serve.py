@@ -25,8 +25,7 @@ import time
 import grpc
 import jax
 import jax.numpy as jnp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import AsyncEngine, Engine, EngineConfig
@@ -127,12 +126,16 @@ async def serve(opts: ServeOptions) -> int:
   if opts.compilation_cache != "":
     log.info("persistent compilation cache: %s", enable_compilation_cache(opts.compilation_cache))
   model = await asyncio.to_thread(_load, opts)
+  if stop.is_set():
+    log.info("stopped while loading the model")
+    return 0
 
-  health = HealthServicer()
+  checks = health.aio.HealthServicer()
 
   def on_dead(error: Exception) -> None:  # on the engine core's thread
-    not_serving = _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    asyncio.run_coroutine_threadsafe(not_serving, loop)
+    if not loop.is_closed():
+      not_serving = _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
+      asyncio.run_coroutine_threadsafe(not_serving, loop)
 
   # The warm-up starts now, on the engine core's thread; health says SERVING once it is done.
   engine = AsyncEngine(
@@ -148,8 +151,8 @@ async def serve(opts: ServeOptions) -> int:
     attention=model.attention.kind,
     dtype=jnp.dtype(model.config.dtype).name,
   )
-  server, port = _grpc_server(opts, InferenceServicer(engine, info, metrics), health, token)
-  await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+  server, port = _grpc_server(opts, InferenceServicer(engine, info, metrics), checks, token)
+  await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   tls = " with TLS" if opts.tls_cert else ""
   log.info("listening on %s:%d%s; NOT_SERVING until warm", opts.host, port, tls)
@@ -164,22 +167,27 @@ async def serve(opts: ServeOptions) -> int:
     await server.stop(0)
     return 1
   if not stop.is_set():
-    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(checks, health_pb2.HealthCheckResponse.SERVING)
+    if engine.error is not None:  # it died while SERVING was being set: on_dead may have lost
+      await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
     log.info("SERVING %s on port %d, ready in %.1fs", SERVICE, port, time.perf_counter() - start)
     await stop.wait()
 
   log.info("draining: in-flight streams get up to %.0fs", opts.drain_timeout)
   drain = time.perf_counter()
-  await health.enter_graceful_shutdown()
+  await checks.enter_graceful_shutdown()
   await server.stop(opts.drain_timeout)
-  if engine.ready.is_set():  # else the core thread is still compiling: it dies with the process
-    await asyncio.to_thread(engine.shutdown, 10.0)
+  # Stops the core; a warm-up in progress stops after the shapes compiling now.
+  await asyncio.to_thread(engine.shutdown, 60.0)
   log.info("stopped after draining for %.1fs", time.perf_counter() - drain)
   return 0
 
 
 def _grpc_server(
-  opts: ServeOptions, servicer: InferenceServicer, health: HealthServicer, token: str | None
+  opts: ServeOptions,
+  servicer: InferenceServicer,
+  checks: health.aio.HealthServicer,
+  token: str | None,
 ):
   """The server with every service registered and its port bound, not started yet."""
   server = grpc.aio.server(
@@ -190,7 +198,7 @@ def _grpc_server(
     ],
   )
   inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-  health_pb2_grpc.add_HealthServicer_to_server(health, server)
+  health_pb2_grpc.add_HealthServicer_to_server(checks, server)
   services = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
   reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
   address = f"{opts.host}:{opts.port}"
@@ -200,9 +208,9 @@ def _grpc_server(
   return server, server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
 
 
-async def _set_health(health: HealthServicer, status) -> None:
-  await health.set("", status)
-  await health.set(SERVICE, status)
+async def _set_health(checks: health.aio.HealthServicer, status) -> None:
+  await checks.set("", status)
+  await checks.set(SERVICE, status)
 
 
 def _load(opts: ServeOptions):

@@ -56,26 +56,33 @@ class InvalidArgument(ValueError):
   pass
 
 
+class EngineNotReady(RuntimeError):
+  pass
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
   def __init__(self, engine: AsyncEngine, info: ServingInfo, metrics: Metrics):
     self.engine, self.info, self.metrics = engine, info, metrics
     self.config = engine.engine.config
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-    start, status, delta = time.perf_counter(), grpc.StatusCode.OK, None
+    start, status, delta = time.perf_counter(), grpc.StatusCode.UNKNOWN, None
     try:
-      prompt = self._prompt(request.text, request.token_ids, request.messages)
-      params = self._sampling(request.sampling, len(prompt))
+      if not self.engine.ready.is_set():
+        raise EngineNotReady("the server is warming up; health turns SERVING when it is done")
+      field, ids = await self._prompt(request.text, request.token_ids, request.messages)
+      params = self._sampling(request.sampling, field, len(ids))
       deadline = None
       if (remaining := context.time_remaining()) is not None:
         deadline = asyncio.get_running_loop().time() + remaining
-      stream = self.engine.generate(prompt, params, request.request_id or None, deadline=deadline)
+      stream = self.engine.generate(ids, params, request.request_id or None, deadline=deadline)
       async with contextlib.aclosing(stream):
         async for delta in stream:
           if delta.finish_reason == "abort":
             raise EngineDeadError("the request was aborted: the server is shutting down")
           yield _response(delta)
-    except (ValueError, InvalidArgument) as e:
+      status = grpc.StatusCode.OK
+    except ValueError as e:  # InvalidArgument, or the engine's own checks
       status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
     except RequestIdInUseError as e:
       status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
@@ -83,7 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       status, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     except TimeoutError:
       status, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
-    except EngineDeadError as e:
+    except (EngineDeadError, EngineNotReady) as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
       status = grpc.StatusCode.CANCELLED
@@ -98,10 +105,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       if bool(request.text) == bool(request.messages):
         raise InvalidArgument("input: set exactly one of text and messages")
       if request.messages:
-        text, ids = self.engine.encode_chat(_messages(request.messages))
+        text, ids = await asyncio.to_thread(self.engine.encode_chat, _messages(request.messages))
       else:
         _check_size(request.text)
-        text, ids = request.text, self.engine.tokenizer.encode(request.text)
+        text, ids = request.text, await asyncio.to_thread(self.engine.encode, request.text)
     except ValueError as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     return pb.TokenizeResponse(token_ids=ids, text=text)
@@ -126,32 +133,37 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       max_num_batched_tokens=cfg.max_num_batched_tokens,
     )
 
-  def _prompt(self, text: str, token_ids, messages) -> str | list[int]:
+  async def _prompt(self, text: str, token_ids, messages) -> tuple[str, list[int]]:
+    """(the input field given, its token ids). Tokenizing and templating run on a worker
+    thread: a long text must not stall the other streams."""
     given = [name for name, v in (("text", text), ("token_ids", token_ids), ("messages", messages))
              if v]  # fmt: skip
     if len(given) != 1:
       got = " and ".join(given) if given else "none"
       raise InvalidArgument(f"input: set exactly one of text, token_ids and messages (got {got})")
+    field = given[0]
     if messages:
-      return self.engine.encode_chat(_messages(messages))[1]
-    if text:
+      ids = (await asyncio.to_thread(self.engine.encode_chat, _messages(messages)))[1]
+    elif text:
       _check_size(text)
-      return text
-    if len(token_ids) >= self.config.max_model_len:
+      ids = await asyncio.to_thread(self.engine.encode, text)
+    else:
+      ids = list(token_ids)
+    if len(ids) >= self.config.max_model_len:
       raise InvalidArgument(
-        f"token_ids: {len(token_ids)} ids leave no room within max_model_len "
+        f"{field}: {len(ids)} prompt tokens leave no room within max_model_len "
         f"{self.config.max_model_len}"
       )
-    return list(token_ids)
+    return field, ids
 
-  def _sampling(self, s: pb.SamplingParams, prompt_len: int) -> SamplingParams:
+  def _sampling(self, s: pb.SamplingParams, field: str, prompt_len: int) -> SamplingParams:
     vocab = self.engine.engine.model.config.vocab_size
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
       raise InvalidArgument(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
     room = self.config.max_model_len - prompt_len
-    if s.HasField("max_tokens") and s.max_tokens > 0 and s.max_tokens > room:
+    if s.HasField("max_tokens") and s.max_tokens > room:
       raise InvalidArgument(
-        f"sampling.max_tokens: a {prompt_len}-token prompt plus {s.max_tokens} tokens exceed "
+        f"sampling.max_tokens: {field} ({prompt_len} tokens) plus {s.max_tokens} tokens exceed "
         f"max_model_len {self.config.max_model_len}"
       )
     try:

@@ -49,6 +49,13 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+  """A JAX compilation cache for this test run's servers: the first compiles, later ones
+  load."""
+  return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="session")
 def llm(model):
   from engine import LLM, EngineConfig
 

@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.proto.meshserve.v1 import inference_pb2_grpc
 
-# The engine shape every server test uses: small, so a cold warm-up compiles ~30 step shapes.
+# The engine shape every server test uses: small, so a cold warm-up compiles 18 step shapes.
 ENGINE_FLAGS = (
   "--max-model-len", "256", "--max-batch", "8", "--num-pages", "128",
-  "--max-num-batched-tokens", "64",
+  "--max-num-batched-tokens", "32",
 )  # fmt: skip
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,13 +37,21 @@ def free_port() -> int:
 
 
 class Server:
-  def __init__(self, *flags: str, log: pathlib.Path, env: dict[str, str] | None = None):
+  def __init__(
+    self,
+    *flags: str,
+    log: pathlib.Path,
+    cache: pathlib.Path,
+    env: dict[str, str] | None = None,
+  ):
+    """cache: the JAX compilation cache directory (the test run's own, never the user's)."""
     self.port, self.metrics_port = free_port(), free_port()
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
     argv = [
       sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-      "--port", str(self.port), "--metrics-port", str(self.metrics_port), *ENGINE_FLAGS, *flags,
+      "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+      "--compilation-cache", str(cache), *ENGINE_FLAGS, *flags,
     ]  # fmt: skip
     self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
     self.proc = subprocess.Popen(

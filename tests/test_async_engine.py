@@ -48,8 +48,12 @@ async def all_pages_back(engine: AsyncEngine) -> dict:
 
 def test_a_client_id_is_refused_while_streaming_then_reusable(make):
   engine = make()
+  other = SamplingParams(max_tokens=12)
 
   async def main():
+    want = [
+      t async for d in engine.generate("The capital of France is", other) for t in d.new_token_ids
+    ]
     first = engine.generate("Count:", PARAMS, "same")
     head = await anext(first)
     with pytest.raises(RequestIdInUseError, match="request_id"):
@@ -57,9 +61,9 @@ def test_a_client_id_is_refused_while_streaming_then_reusable(make):
     rest = await drain(first)
     assert len(head.new_token_ids) + len(rest) == 24
     # Reused at once: the new stream gets its own tokens, none of the old request's.
-    again = [d async for d in engine.generate("Count:", PARAMS, "same")]
+    again = [d async for d in engine.generate("The capital of France is", other, "same")]
     assert {d.request_id for d in again} == {"same"}
-    assert sum(len(d.new_token_ids) for d in again) == 24
+    assert [t for d in again for t in d.new_token_ids] == want
     await all_pages_back(engine)
 
   asyncio.run(main())
@@ -103,13 +107,20 @@ def test_a_failed_step_fails_every_stream_and_refuses_new_ones(make):
   engine = make(step_hook=hook, on_dead=dead.append)
 
   async def main():
-    streams = [engine.generate(f"Story {i}", SamplingParams(max_tokens=100)) for i in range(6)]
-    heads = await asyncio.gather(*(anext(s) for s in streams[:4]))  # 4 running, 2 waiting
-    assert all(h.new_token_ids for h in heads)
+    heads = asyncio.Queue()
+
+    async def consume(i):
+      async for delta in engine.generate(f"Story {i}", SamplingParams(max_tokens=100)):
+        heads.put_nowait(delta)
+
+    tasks = [asyncio.ensure_future(consume(i)) for i in range(6)]  # 4 running, 2 waiting
+    for _ in range(4):
+      await asyncio.wait_for(heads.get(), 60)
+    assert engine.stats()["open"] == 6
     fail.set()
-    for stream in streams:
+    for task in tasks:
       with pytest.raises(EngineDeadError, match="boom"):
-        await asyncio.wait_for(drain(stream), 10)
+        await asyncio.wait_for(task, 10)
     with pytest.raises(EngineDeadError):
       await anext(engine.generate("After", PARAMS))
 
@@ -121,12 +132,12 @@ def test_deadlines_and_cancels_anywhere_return_every_page(make):
   engine = make()
 
   async def one(i: int):
+    params = SamplingParams(max_tokens=200, ignore_eos=True)  # outlives every deadline
     if i % 3 == 0:  # a deadline: some pass while queued, some while decoding
       deadline = asyncio.get_running_loop().time() + 0.02 * i
       with pytest.raises(TimeoutError):
-        await drain(engine.generate(f"Request {i}", PARAMS, deadline=deadline))
+        await drain(engine.generate(f"Request {i}", params, deadline=deadline))
       return
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
     task = asyncio.ensure_future(drain(engine.generate(f"Request {i} says", params)))
     await asyncio.sleep(0.01 * i)
     task.cancel()

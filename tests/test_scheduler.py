@@ -103,6 +103,7 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
   config = EngineConfig(page_size=page_size, num_pages=18, max_model_len=64, max_batch=6,
                         max_num_batched_tokens=24, max_prefill_seqs=3, min_prefill=4)  # fmt: skip
   sched = Scheduler(alloc, config)
+  shapes = set(config.step_shapes)
   # The fake device: slot -> the tokens its KV depends on (all of the sequence up to it).
   pool: dict[tuple[int, int], tuple[int, ...]] = {}
   live: dict[str, Request] = {}
@@ -126,6 +127,11 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
       sched.remove(victim)
     else:
       step = sched.schedule()
+      for calls, prefill in ((step.prefills, True), (step.decodes, False)):
+        if calls:  # every shape the runner can be asked for is warmed up before serving
+          pages = [len(alloc.table(c.request.request_id)) for c in calls]
+          shape = config.step_shape([c.length for c in calls], pages, prefill=prefill)
+          assert shape in shapes, (shape, prefill)
       for c in step.prefills + step.decodes:
         r, table = c.request, alloc.table(c.request.request_id)
         assert 0 not in table

@@ -29,12 +29,12 @@ from engine import LLM, EngineConfig, SamplingParams
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc
 
-ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=64)
+ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  s = Server(log=tmp_path_factory.mktemp("server") / "server.log")
+def server(tmp_path_factory, compilation_cache):
+  s = Server(log=tmp_path_factory.mktemp("server") / "server.log", cache=compilation_cache)
   try:
     s.seen = s.wait_serving()
     yield s
@@ -81,7 +81,8 @@ def test_health_turns_serving_only_after_warmup(server, stub):
   log = server.output()
   compiled = re.search(r"compiled (\d+) step shapes", log)
   assert compiled and log.index(compiled.group(0)) < log.index("SERVING meshserve.v1.Inference")
-  assert set(server.seen[:-1]) <= {"NO_ANSWER", "NOT_SERVING"} and server.seen[-1] == "SERVING"
+  assert "NOT_SERVING" in server.seen and server.seen[-1] == "SERVING"
+  assert set(server.seen[:-1]) <= {"NO_ANSWER", "NOT_SERVING"}
   assert int(compiled.group(1)) == len(ENGINE.step_shapes)
   assert model_info(stub).stages[0].stats.compilations == len(ENGINE.step_shapes)
 
@@ -152,8 +153,10 @@ BAD_INPUTS = [
   ({"text": "hi", "sampling": {"top_k": -1}}, "sampling.top_k"),
   ({"text": "hi", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
   ({"text": "hi", "sampling": {"max_tokens": -3}}, "sampling.max_tokens"),
-  ({"text": "hi", "sampling": {"max_tokens": 255}}, "sampling.max_tokens"),  # + prompt > 256
+  ({"text": "hi", "sampling": {"max_tokens": 256}}, "sampling.max_tokens"),  # + prompt > 256
   ({"token_ids": [1] * 300}, "token_ids"),
+  ({"token_ids": [1] * 200, "sampling": {"max_tokens": 100}}, "sampling.max_tokens"),
+  ({"text": "word " * 300}, "text"),  # 300 tokens, far under the 1 MiB byte limit
   ({"token_ids": [5, 49152]}, "token_ids"),
   ({"token_ids": [-1]}, "token_ids"),
   ({"text": "hi", "sampling": {"logprobs": 21}}, "sampling.logprobs"),
@@ -171,6 +174,27 @@ def test_bad_input_gets_invalid_argument_naming_the_field(stub, fields, field):
     collect(stub, pb.GenerateRequest(**fields))
   assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert e.value.details().startswith(field), e.value.details()
+
+
+@pytest.mark.parametrize(
+  ("fields", "field"),
+  [({}, "input"), ({"text": "x", "messages": [{"role": "user", "content": "x"}]}, "input"),
+   ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+   ({"text": "x" * (2 << 20)}, "text")],
+)  # fmt: skip
+def test_bad_tokenize_input_gets_invalid_argument_naming_the_field(stub, fields, field):
+  with pytest.raises(grpc.RpcError) as e:
+    stub.Tokenize(pb.TokenizeRequest(**fields), timeout=30)
+  assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert e.value.details().startswith(field), e.value.details()
+
+
+def test_a_prompt_filling_the_context_gets_what_room_is_left(stub):
+  """Unset max_tokens means 64, or fewer when the context has less room."""
+  ids, _, last = collect(
+    stub, pb.GenerateRequest(token_ids=[1000] * 250, sampling={"ignore_eos": True})
+  )
+  assert len(ids) == 6 and last.finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def test_after_bad_input_a_normal_request_is_served(stub, offline):

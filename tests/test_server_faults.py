@@ -1,16 +1,15 @@
 """The server under TLS and bearer-token auth, with a queue limit, and with an injected engine
 failure (the test-only $MESHSERVE_TEST_FAULT_FILE hook), which comes last: it kills the engine."""
 
-import asyncio
+import concurrent.futures
 import subprocess
 import time
 
 import grpc
 import pytest
-from serving import Server, read_all
+from serving import Server
 
 from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
 
 TOKEN = "s3cret-token"
 
@@ -29,14 +28,15 @@ def tls(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tls):
+def server(tmp_path_factory, tls, compilation_cache):
   d = tmp_path_factory.mktemp("server")
   (d / "token").write_text(TOKEN + "\n")
   cert, key = tls
   s = Server(
     "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "token"),
     "--max-batch", "2", "--max-queue", "2",
-    log=d / "server.log", env={"MESHSERVE_TEST_FAULT_FILE": str(d / "fault")},
+    log=d / "server.log", cache=compilation_cache,
+    env={"MESHSERVE_TEST_FAULT_FILE": str(d / "fault")},
   )  # fmt: skip
   s.fault = d / "fault"
   s.credentials = grpc.ssl_channel_credentials(cert.read_bytes())
@@ -75,58 +75,50 @@ def test_tls_and_bearer_token(server):
 
 def test_a_full_queue_gets_resource_exhausted(server):
   """max_batch 2 + max_queue 2: at most 4 requests in flight; the rest are refused at once."""
+  request = pb.GenerateRequest(
+    text="Write a long poem", sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True)
+  )
 
-  async def one(stub):
-    request = pb.GenerateRequest(
-      text="Write a long poem", sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True)
-    )
+  def one(stub):
     try:
-      call = stub.Generate(request, metadata=AUTH, timeout=120)
-      return sum([len(r.token_ids) async for r in call])
-    except grpc.aio.AioRpcError as e:
+      return sum(len(r.token_ids) for r in stub.Generate(request, metadata=AUTH, timeout=120))
+    except grpc.RpcError as e:
       assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue" in e.details()
       return "refused"
 
-  async def main():
-    async with grpc.aio.secure_channel(server.address, server.credentials) as channel:
-      stub = inference_pb2_grpc.InferenceStub(channel)
-      return await asyncio.gather(*(one(stub) for _ in range(12)))
-
-  outcomes = asyncio.run(main())
+  with server.channel(server.credentials) as channel:
+    stub = server.stub(channel)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+      outcomes = list(pool.map(one, [stub] * 12))
   assert outcomes.count("refused") >= 4 and outcomes.count(24) >= 4, outcomes
   assert set(outcomes) == {24, "refused"}
 
 
 def test_an_engine_failure_ends_every_stream_with_unavailable(server):
-  async def main():
-    async with grpc.aio.secure_channel(server.address, server.credentials) as channel:
-      stub = inference_pb2_grpc.InferenceStub(channel)
-      request = pb.GenerateRequest(
-        text="Tell me everything", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
-      )
-      calls = [stub.Generate(request, metadata=AUTH, timeout=120) for _ in range(4)]
-      await calls[0].read()  # the engine is stepping
-      server.fault.touch()
-      start = time.monotonic()
-      codes = []
-      for call in calls:
-        try:
-          async for _ in read_all(call):
-            pass
-          codes.append(grpc.StatusCode.OK)
-        except grpc.aio.AioRpcError as e:
-          codes.append(e.code())
-      return codes, time.monotonic() - start
-
-  codes, seconds = asyncio.run(main())
-  assert codes == [grpc.StatusCode.UNAVAILABLE] * 4 and seconds < 10
+  request = pb.GenerateRequest(
+    text="Tell me everything", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
+  )
   with server.channel(server.credentials) as channel:
+    stub = server.stub(channel)
+    calls = [stub.Generate(request, metadata=AUTH, timeout=120) for _ in range(4)]
+    next(calls[0])  # the engine is stepping: 2 requests running, 2 waiting
+    server.fault.touch()
+    start, codes = time.monotonic(), []
+    for call in calls:
+      try:
+        for _ in call:
+          pass
+        codes.append(grpc.StatusCode.OK)
+      except grpc.RpcError as e:
+        codes.append(e.code())
+    seconds = time.monotonic() - start
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 4 and seconds < 10, (codes, seconds)
     deadline = time.monotonic() + 10
     while server.health(channel) != "NOT_SERVING" and time.monotonic() < deadline:
       time.sleep(0.1)
     assert server.health(channel) == "NOT_SERVING"
     assert server.health(channel, "meshserve.v1.Inference") == "NOT_SERVING"
     with pytest.raises(grpc.RpcError) as e:
-      generate(server.stub(channel))
+      generate(stub)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
   assert "fault injected" in server.output()
