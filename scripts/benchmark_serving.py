@@ -15,9 +15,10 @@ workload. Warm-up requests use seed + 1_000_000 and are not counted.
   python scripts/benchmark_serving.py --address localhost:50051 --concurrency 1,8,32
       [--input-len 128:512] [--output-len 128] [--plot out.png] [--json out.json] [--offline]
 
---offline then runs each level's requests through `LLM.generate` in this process, on the same
-model with the server's engine configuration (from GetModelInfo), warmed up the same way, and
-prints the server's output throughput as a share of it. The server sits idle meanwhile.
+--offline then runs each level's requests through the offline engine in this process (the
+loop `LLM.generate` runs, at most `concurrency` requests in flight), on the same model with the
+server's engine configuration (from GetModelInfo), warmed up the same way, and prints the
+server's output throughput as a share of it. The server sits idle meanwhile.
 The server's compilation counter is read before and after: a change is reported.
 """
 
@@ -345,9 +346,11 @@ async def _run(args: argparse.Namespace):
   return out, before, after
 
 
-def run_offline(model, info, levels: list[list[tuple[list[int], int]]]) -> list[float]:
-  """Output tokens/s of `LLM.generate` on each level's requests, all submitted at once, with
-  the server's engine configuration; every step shape is compiled first, as the server does.
+def run_offline(model, info, levels: list[tuple[list[tuple[list[int], int]], float | None]]):
+  """Output tokens/s of the offline engine on each level's (requests, concurrency): the
+  requests go in as in the server run, at most `concurrency` at a time (None: all at once, as
+  `LLM.generate` does; the same at any concurrency >= max_batch), on the server's engine
+  configuration, every step shape compiled first as the server does.
   model: a name or path for load_model, or a loaded Model."""
   from engine import LLM, EngineConfig, SamplingParams
   from models import load_model
@@ -360,14 +363,18 @@ def run_offline(model, info, levels: list[list[tuple[list[int], int]]]) -> list[
     max_batch=info.max_batch,
     max_num_batched_tokens=info.max_num_batched_tokens,
   )
-  llm = LLM(load_model(model) if isinstance(model, str) else model, config)
-  llm.runner.warmup()
+  engine = LLM(load_model(model) if isinstance(model, str) else model, config).engine
+  engine.runner.warmup()
   throughputs = []
-  for requests in levels:
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in requests]
+  for requests, concurrency in levels:
+    queue, limit, tokens = list(requests), concurrency or len(requests), 0
     start = time.perf_counter()
-    outs = llm.generate([prompt for prompt, _ in requests], params)
-    throughputs.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+    while queue or engine.has_unfinished():
+      while queue and len(engine.requests) < limit:
+        prompt, n = queue.pop(0)
+        engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+      tokens += sum(len(delta.new_token_ids) for delta in engine.step())
+    throughputs.append(tokens / (time.perf_counter() - start))
   return throughputs
 
 
@@ -384,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
   compiled = [info.stages[0].stats.compilations for info in (before, after)]
   print(f"server compilations: {compiled[0]} before, {compiled[1]} after")
   if args.offline:
-    offline = run_offline(args.offline_model or before.model, before, [r for *_, r in runs])
+    from engine.runner import enable_compilation_cache
+
+    enable_compilation_cache()  # the server's compiled steps, where it shares this machine
+    levels = [(requests, s.get("concurrency")) for (*_, s, requests) in runs]
+    offline = run_offline(args.offline_model or before.model, before, levels)
     print(f"\n{'level':>8} {'server tok/s':>13} {'offline tok/s':>14} {'server/offline':>15}")
     for s, tok_s in zip(summaries, offline, strict=True):
       s["offline_output_throughput"] = tok_s
