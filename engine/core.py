@@ -101,10 +101,11 @@ class EngineCore:
       self.ready.set()
       while self._turn():
         pass
-      self._die(EngineDeadError("the engine is shut down"))
+      error = EngineDeadError("the engine is shut down")
     except BaseException as e:  # noqa: BLE001 - any failure is reported, never swallowed
       log.exception("engine core failed; failing every open request")
-      self._die(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
+      error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
+    self._die(error)
 
   def _turn(self) -> bool:
     """Drains the inbox and runs one step; False once told to stop."""

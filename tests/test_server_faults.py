@@ -101,7 +101,14 @@ def test_an_engine_failure_ends_every_stream_with_unavailable(server):
   with server.channel(server.credentials) as channel:
     stub = server.stub(channel)
     calls = [stub.Generate(request, metadata=AUTH, timeout=120) for _ in range(4)]
-    next(calls[0])  # the engine is stepping: 2 requests running, 2 waiting
+    # The server admits them in the order they arrive: wait (bounded) for any 2 to be
+    # running and 2 waiting, then fail the next step.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      stats = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=10)
+      if (stats.stages[0].stats.running, stats.stages[0].stats.waiting) == (2, 2):
+        break
+      time.sleep(0.02)
     server.fault.touch()
     start, codes = time.monotonic(), []
     for call in calls:
