@@ -126,8 +126,8 @@ class AttentionBackend:
       # take the XLA path.
       return jax.lax.cond(jnp.all(positions[:, 0] <= 0), fresh_flash, paged_xla)
     kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
-    out = ragged_paged_attention(
-      q[:, 0], cache.k[layer], cache.v[layer], kv_lens, page_table, interpret=self.interpret
+    out = ragged_paged_attention(  # reads this layer's pages in place: no slice of the pool
+      q[:, 0], cache.k, cache.v, kv_lens, page_table, layer=layer, interpret=self.interpret
     )
     return out[:, None]
 

@@ -6,6 +6,11 @@ softmax (float32) held in VMEM scratch. Page indices and lengths are scalar-pref
 BlockSpecs fetch exactly the pages a sequence uses: steps past its last page map to the same
 block (no new DMA) and skip compute.
 
+With `layer`, the pool is every layer's ([L, N, Z, K, D]) and the layer index is
+scalar-prefetched too: a model's layer loop hands the kernel the pool it carries, and the
+kernel DMAs the pages it needs from it. Slicing `pool[layer]` outside would copy a whole layer
+of the pool on every layer of every step.
+
 Letters: B batch, H query heads, K kv heads, G = H // K, D head dim, N pool pages, Z page
 size, P pages per sequence.
 """
@@ -24,6 +29,7 @@ from pallas_kernels.online_softmax import LANES
 
 
 def _kernel(
+  layer_ref,  # [1] int32 (SMEM, scalar prefetch)
   lens_ref,  # [B] int32 (SMEM, scalar prefetch)
   pages_ref,  # [B, P] int32 (SMEM, scalar prefetch)
   q_ref,  # [H, D]
@@ -39,6 +45,7 @@ def _kernel(
   page_size: int,
   sliding_window: int | None,
 ):
+  del layer_ref  # used by the BlockSpecs only
   b, p = pl.program_id(0), pl.program_id(1)
   kv_len = lens_ref[b]
   H = q_ref.shape[0]
@@ -76,15 +83,16 @@ def _kernel(
     o_ref[...] = online_softmax.finalize(l_ref, acc_ref, o_ref.dtype)
 
 
-def _validate(q, k_pages, v_pages, kv_lens, page_indices):
+def _validate(q, k_pages, v_pages, kv_lens, page_indices, layered: bool):
   if q.ndim != 3:
     raise ValueError(f"q: expected [B, H, D], got shape {q.shape}")
-  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+  want = "[L, N, Z, K, D] (with layer)" if layered else "[N, Z, K, D]"
+  if k_pages.ndim != 4 + layered or k_pages.shape != v_pages.shape:
     raise ValueError(
-      f"k_pages, v_pages: expected equal [N, Z, K, D] shapes, got {k_pages.shape}, {v_pages.shape}"
+      f"k_pages, v_pages: expected equal {want} shapes, got {k_pages.shape}, {v_pages.shape}"
     )
   B, H, D = q.shape
-  N, Z, K, Dk = k_pages.shape
+  N, Z, K, Dk = k_pages.shape[-4:]
   if Dk != D:
     raise ValueError(f"k_pages: head dim {Dk} != q head dim {D}")
   if H % K:
@@ -107,6 +115,7 @@ def ragged_paged_attention(
   kv_lens: jax.Array,
   page_indices: jax.Array,
   *,
+  layer: jax.Array | int | None = None,
   sm_scale: float | None = None,
   sliding_window: int | None = None,
   interpret: bool | pltpu.InterpretParams = False,
@@ -115,10 +124,12 @@ def ragged_paged_attention(
 
   Args:
     q: [B, H, D], the newest token of each sequence.
-    k_pages, v_pages: [N, Z, K, D], the page pool; H % K == 0.
+    k_pages, v_pages: [N, Z, K, D], the page pool; H % K == 0. With `layer`: [L, N, Z, K, D],
+      every layer's pool, read in place.
     kv_lens: [B] int32, tokens in each sequence's cache, the newest included (0 allowed).
     page_indices: [B, P] int32, pool page of each of a sequence's pages; entries past a
       sequence's last page are never read.
+    layer: the layer of a [L, N, Z, K, D] pool to attend to (an int32 scalar, traced or not).
     sm_scale: softmax scale, default D ** -0.5.
     sliding_window: attend only to the newest `sliding_window` tokens.
     interpret: run the kernel in interpret mode (True, or `pltpu.InterpretParams()`).
@@ -126,19 +137,20 @@ def ragged_paged_attention(
   Returns:
     [B, H, D] in q's dtype; zeros for a sequence of length 0.
   """
-  _validate(q, k_pages, v_pages, kv_lens, page_indices)
+  _validate(q, k_pages, v_pages, kv_lens, page_indices, layered=layer is not None)
   B, H, D = q.shape
-  N, Z, K, _ = k_pages.shape
+  N, Z, K, _ = k_pages.shape[-4:]
   P = page_indices.shape[1]
   sm_scale = D**-0.5 if sm_scale is None else sm_scale
-  # [N, Z, K, D] -> [N, Z*K, D] is free (row-major) and keeps each block's two minor dims
-  # whole, as Mosaic wants.
-  k_flat = k_pages.reshape(N, Z * K, D)
-  v_flat = v_pages.reshape(N, Z * K, D)
+  # [L, N, Z, K, D] -> [L, N, Z*K, D] is free (row-major) and keeps each block's two minor dims
+  # whole, as Mosaic wants. A one-layer pool is a pool of L = 1.
+  k_flat = k_pages.reshape(-1, N, Z * K, D)
+  v_flat = v_pages.reshape(-1, N, Z * K, D)
+  layer = jnp.zeros(1, jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
 
-  def kv_map(b, p, lens, pages):
+  def kv_map(b, p, layer, lens, pages):
     last = jax.lax.div(jnp.maximum(lens[b] - 1, 0), Z)  # lax.div: `//` would lower `sign`
-    return pages[b, jnp.minimum(p, last)], 0, 0
+    return layer[0], pages[b, jnp.minimum(p, last)], 0, 0
 
   kernel = functools.partial(
     _kernel, sm_scale=sm_scale, num_kv_heads=K, page_size=Z, sliding_window=sliding_window
@@ -146,14 +158,14 @@ def ragged_paged_attention(
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
+      num_scalar_prefetch=3,
       grid=(B, P),
       in_specs=[
-        pl.BlockSpec((None, H, D), lambda b, p, lens, pages: (b, 0, 0)),
-        pl.BlockSpec((None, Z * K, D), kv_map),
-        pl.BlockSpec((None, Z * K, D), kv_map),
+        pl.BlockSpec((None, H, D), lambda b, p, *_: (b, 0, 0)),
+        pl.BlockSpec((None, None, Z * K, D), kv_map),
+        pl.BlockSpec((None, None, Z * K, D), kv_map),
       ],
-      out_specs=pl.BlockSpec((None, H, D), lambda b, p, lens, pages: (b, 0, 0)),
+      out_specs=pl.BlockSpec((None, H, D), lambda b, p, *_: (b, 0, 0)),
       scratch_shapes=[
         pltpu.VMEM((H, LANES), jnp.float32),
         pltpu.VMEM((H, LANES), jnp.float32),
@@ -165,8 +177,9 @@ def ragged_paged_attention(
     cost_estimate=pl.CostEstimate(
       flops=4 * B * H * P * Z * K * D,
       transcendentals=B * H * P * Z * K,
-      bytes_accessed=q.dtype.itemsize * (2 * B * H * D + 2 * B * P * Z * K * D) + 4 * B * (P + 1),
+      bytes_accessed=q.dtype.itemsize * (2 * B * H * D + 2 * B * P * Z * K * D)
+      + 4 * (B * (P + 1) + 1),
     ),
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
     interpret=interpret,
-  )(kv_lens, page_indices, q, k_flat, v_flat)
+  )(layer, kv_lens, page_indices, q, k_flat, v_flat)

@@ -3,6 +3,7 @@ references over a sweep, block skipping, argument checks, and AOT compilation fo
 topologies through libtpu (Mosaic lowering + the TPU compiler, no TPU needed)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,24 @@ def test_ragged_paged_attention_reads_only_used_pages():
   _close(out, ref, jnp.float32)
 
 
+def test_ragged_paged_attention_reads_a_layer_of_the_whole_pool():
+  """With `layer`, the kernel reads pool[layer]'s pages in place: the same output as handing it
+  that layer, whatever the other layers hold."""
+  rng = np.random.default_rng(2)
+  L, N, Z, K, D = 3, 8, 16, 2, 64
+  k_pool, v_pool = (_rand(rng, (L, N, Z, K, D), jnp.float32) for _ in range(2))
+  page_indices = jnp.array([[3, 5, 0, 0], [1, 2, 4, 6]], jnp.int32)
+  kv_lens = jnp.array([20, 64], jnp.int32)
+  q = _rand(rng, (2, 4, D), jnp.float32)
+  for layer in range(L):
+    poisoned = v_pool.at[jnp.arange(L) != layer].set(jnp.nan)  # the other layers
+    out = ragged_paged_attention(
+      q, k_pool, poisoned, kv_lens, page_indices, layer=jnp.int32(layer), interpret=True
+    )
+    ref = ragged_paged_attention_reference(q, k_pool[layer], v_pool[layer], kv_lens, page_indices)
+    _close(out, ref, jnp.float32)
+
+
 # --- argument checks ------------------------------------------------------------------------
 
 
@@ -224,6 +243,33 @@ def test_ragged_paged_attention_compiles_for_tpu(tpu_device, dtype):
   )
   compiled = ragged_paged_attention.lower(*args).compile()
   assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_model_decode_reads_the_pool_in_place_on_tpu(tpu_device):
+  """The layer loop of a decode step hands the kernel the pool it carries: the compiled TPU
+  program holds no copy of a pool layer (it once held a dynamic-slice of one per layer)."""
+  L, N, Z, K, D, B, H = 4, 512, 16, 8, 128, 8, 32
+  pool = ((L, N, Z, K, D), jnp.bfloat16)
+  q, k, v, lens, table = _abstract(
+    tpu_device, ((B, H, D), jnp.bfloat16), pool, pool, ((B,), jnp.int32), ((B, 8), jnp.int32)
+  )
+
+  def decode(q, k_pool, v_pool, lens, table):
+    def layer_step(x, layer):
+      out = ragged_paged_attention(x, k_pool, v_pool, lens, table, layer=layer)
+      return out, None
+
+    return jax.lax.scan(layer_step, q, jnp.arange(L, dtype=jnp.int32))[0]
+
+  hlo = jax.jit(decode).lower(q, k, v, lens, table).compile().as_text()
+  assert "tpu_custom_call" in hlo
+  # Slices (fused or not) whose result is a whole layer of the pool, in any layout.
+  results = (re.match(r"\s*%(\S+) = bf16\[([\d,]+)\]", line) for line in hlo.splitlines())
+  copies = [
+    m.group(1) for m in results
+    if m and "slice" in m.group(1) and math.prod(map(int, m.group(2).split(","))) == N * Z * K * D
+  ]  # fmt: skip
+  assert not copies
 
 
 def test_flash_cost_estimate_counts_visible_pairs():
