@@ -13,6 +13,7 @@ met for the first time anyway is compiled then, logged and counted in `num_compi
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -118,23 +119,28 @@ class Runner:
     start = time.perf_counter()
     threads = threads or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="compiling step shapes", unit="shape", disable=not progress)
-    futures = {}
+    compiled = 0
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      in_flight = collections.deque()  # (shape, future): one more than the pool compiles
       for shape in todo:  # the next shape is traced while the last ones compile
         if cancel is not None and cancel.is_set():
           break
-        futures[shape] = pool.submit(self._lower(self.dummy_inputs(shape)).compile)
-        futures[shape].add_done_callback(lambda _: bar.update())
-    for shape, future in futures.items():
-      self.executables[shape] = future.result()
+        if len(in_flight) > threads:
+          done, future = in_flight.popleft()
+          self.executables[done] = future.result()
+        in_flight.append((shape, pool.submit(self._lower(self.dummy_inputs(shape)).compile)))
+        in_flight[-1][1].add_done_callback(lambda _: bar.update())
+        compiled += 1
+      for done, future in in_flight:
+        self.executables[done] = future.result()
     bar.close()
-    self.num_compiles += len(futures)
+    self.num_compiles += compiled
     log.info(
       "compiled %d step shapes in %.1fs (%d in all)%s",
-      len(futures), time.perf_counter() - start, len(self.executables),
-      "; cancelled" if len(futures) < len(todo) else "",
+      compiled, time.perf_counter() - start, len(self.executables),
+      "; cancelled" if compiled < len(todo) else "",
     )  # fmt: skip
-    return len(futures)
+    return compiled
 
   def step(
     self,

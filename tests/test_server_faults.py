@@ -129,3 +129,20 @@ def test_an_engine_failure_ends_every_stream_with_unavailable(server):
       generate(stub)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
   assert "fault injected" in server.output()
+
+
+def test_sigterm_during_warmup_stops_promptly(tmp_path):
+  """A cold warm-up (a compilation cache of its own) cut short: the shapes compiling finish,
+  no new one starts, and the server exits 0."""
+  s = Server(log=tmp_path / "server.log", cache=tmp_path / "cold-cache")
+  try:
+    deadline = time.monotonic() + 120
+    while "NOT_SERVING until warm" not in s.output() and time.monotonic() < deadline:
+      assert s.proc.poll() is None, s.output()
+      time.sleep(0.2)
+    start = time.monotonic()
+    assert s.terminate(timeout=60) == 0, s.output()
+    assert time.monotonic() - start < 30
+    assert "cancelled" in s.output()
+  finally:
+    s.stop()
