@@ -23,15 +23,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from engine.config import EngineConfig
 from engine.core import EngineCore, EngineDeadError
 from engine.engine import Engine
+from engine.handoff import Handoff, KVFetch, Landed, StageFailed
 from engine.output import RequestDelta
+from engine.request import RequestState
 from engine.sampling import SamplingParams
+from models import ModelConfig
 
 
 class QueueFullError(RuntimeError):
@@ -83,6 +88,18 @@ class AsyncEngine:
   def error(self) -> EngineDeadError | None:
     return self.core.error
 
+  @property
+  def config(self) -> EngineConfig:
+    return self.engine.config
+
+  @property
+  def model_config(self) -> ModelConfig:
+    return self.engine.model.config
+
+  def stages(self) -> list[tuple[str, dict]]:
+    """(role, stats) of each stage: here the one engine's."""
+    return [(self.engine.role, self.stats())]
+
   def encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text)
 
@@ -98,19 +115,51 @@ class AsyncEngine:
     request_id: str | None = None,
     *,
     deadline: float | None = None,
-  ) -> AsyncIterator[RequestDelta]:
+  ) -> AsyncIterator[RequestDelta | Handoff]:
     """Streams the request's deltas; the last has a finish_reason. deadline: the running
-    loop's `time()` by which the request must be done."""
+    loop's `time()` by which the request must be done.
+
+    On a prefill-role engine the stream stops after the first token's delta with a `Handoff`
+    (unless that token finished the request). The request's pages stay pinned until the
+    caller passes the Handoff to `release`, which it must do however it goes on."""
     params = params or SamplingParams()
     arrival = time.perf_counter()
     ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     self.engine.validate(ids, params)
     internal = f"{request_id or 'req'}#{next(self._ids)}"
+    submit = functools.partial(self.core.add, internal, ids, params, arrival)
+    async for event in self._stream(internal, request_id, submit, deadline):
+      yield event
+
+  async def resume(
+    self,
+    state: RequestState,
+    fetch: KVFetch,
+    request_id: str | None = None,
+    *,
+    deadline: float | None = None,
+  ) -> AsyncIterator[RequestDelta | Landed]:
+    """Decode role: continues a request a prefill stage took to its first token. Streams
+    `Landed` once its KV is in the pool, then its deltas from the second token on."""
+    internal = f"{request_id or 'req'}#{next(self._ids)}"
+    submit = functools.partial(
+      self.core.import_request, internal, state, fetch, time.perf_counter()
+    )
+    async for event in self._stream(internal, request_id, submit, deadline):
+      yield event
+
+  def release(self, handoff: Handoff) -> None:
+    """Frees the pages a prefill stream's Handoff pinned (once the KV is copied out, or the
+    request is dropped). Calling it twice is harmless."""
+    if self.core.error is None:
+      self.core.release(handoff.request_id)
+
+  async def _stream(self, internal: str, request_id: str | None, submit, deadline):
     stream = _Stream(request_id or internal, asyncio.get_running_loop(), asyncio.Queue())
     self._open(internal, stream)
     finished = False
     try:
-      self.core.add(internal, ids, params, arrival)
+      submit()
       while not finished:
         # The deadline covers the waits only: a timeout scope must not span a `yield`, where
         # the consumer's own awaits run (and might run in another task).
@@ -118,8 +167,12 @@ class AsyncEngine:
           item = await stream.queue.get()
         if isinstance(item, BaseException):
           raise item
-        finished = item.finished
-        yield dataclasses.replace(item, request_id=stream.client_id)
+        if isinstance(item, StageFailed):
+          raise item.error
+        finished = item.final
+        if isinstance(item, RequestDelta):
+          item = dataclasses.replace(item, request_id=stream.client_id)
+        yield item
     finally:
       with self._lock:
         open_in_core = self._streams.pop(internal, None) is not None
@@ -159,11 +212,11 @@ class AsyncEngine:
     """Core thread: one call_soon_threadsafe per event loop, whatever the batch size."""
     by_loop = collections.defaultdict(list)
     with self._lock:
-      for delta in deltas:
-        get = self._streams.pop if delta.finished else self._streams.get
-        stream = get(delta.request_id, None)
+      for event in deltas:
+        get = self._streams.pop if event.final else self._streams.get
+        stream = get(event.request_id, None)
         if stream is not None:
-          by_loop[stream.loop].append((stream, delta))
+          by_loop[stream.loop].append((stream, event))
     for loop, items in by_loop.items():
       self._post(loop, items)
 
@@ -191,7 +244,9 @@ class AsyncEngine:
       for stream, item in items:
         with self._lock:
           self._client_ids.discard(stream.client_id)
-          if isinstance(item, RequestDelta):
+          if not isinstance(item, BaseException):
             self._streams.pop(item.request_id, None)
-        if isinstance(item, RequestDelta) and not item.finished:
+        if isinstance(item, Handoff):
+          self.release(item)
+        elif not isinstance(item, BaseException) and not item.final:
           self.core.abort(item.request_id)

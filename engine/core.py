@@ -6,18 +6,29 @@ Each turn of the loop drains the inbox, runs one step and hands the step's delta
 `on_deltas`. A failure anywhere in the loop is final: the core marks itself dead and calls
 `on_dead` once, so the front end can fail every open stream; later adds raise EngineDeadError.
 Shutdown ends the same way, after aborting every request.
+
+A prefill-role core also hands each request off after its first token (a `Handoff` event, the
+KV export dispatched in the same turn) and frees its pinned pages on `release`. A decode-role
+core also takes `import_request`: it reserves pages (in arrival order, as the pool allows),
+starts the KV fetch, keeps stepping while it runs, and admits the request once it has landed.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
+import jax
+
 from engine.engine import Engine
-from engine.output import RequestDelta
+from engine.handoff import Handoff, KVFetch, Landed, StageFailed, TransferError
+from engine.request import RequestState
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,21 @@ class _Abort:
   request_id: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Release:
+  request_id: str
+
+
+@dataclasses.dataclass(slots=True)
+class _Import:
+  request_id: str
+  state: RequestState
+  fetch: KVFetch
+  arrival: float
+  pages: list[int] | None = None  # once reserved
+  kv: jax.Array | None = None  # once fetching
+
+
 _STOP = object()
 
 
@@ -49,22 +75,25 @@ class EngineCore:
   def __init__(
     self,
     engine: Engine,
-    on_deltas: Callable[[list[RequestDelta]], None],
+    on_deltas: Callable[[list], None],
     on_dead: Callable[[EngineDeadError], None],
     *,
     warmup: bool = False,
     step_hook: Callable[[], None] | None = None,
   ):
-    """on_deltas and on_dead run on the core thread and must not block. step_hook runs before
-    every step; an exception from it fails the core as a failed step would (tests inject
-    faults through it)."""
+    """on_deltas (a list of RequestDelta, Handoff, Landed and StageFailed events) and on_dead
+    run on the core thread and must not block. step_hook runs before every step; an exception
+    from it fails the core as a failed step would (tests inject faults through it)."""
     self.engine = engine
     self._on_deltas, self._on_dead, self._step_hook = on_deltas, on_dead, step_hook
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.error: EngineDeadError | None = None
     self.ready = threading.Event()  # set once warm-up is done and the loop runs
     self._stopping = threading.Event()  # cuts a warm-up short
-    self._stats = engine.stats()  # replaced, never mutated: readers need no lock
+    self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
+    self._moving: dict[str, _Import] = {}  # reserved, KV on its way
+    self.transfers = dict(kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0)
+    self._stats = self._read_stats()  # replaced, never mutated: readers need no lock
     self._thread = threading.Thread(
       target=self._run, args=(warmup,), name="meshserve-engine-core", daemon=True
     )
@@ -83,6 +112,18 @@ class EngineCore:
     ignored (the request may have just finished)."""
     self._inbox.put(_Abort(request_id))
 
+  def release(self, request_id: str) -> None:
+    """Prefill role: the request's KV has been copied out; its pinned pages are freed."""
+    self._inbox.put(_Release(request_id))
+
+  def import_request(
+    self, request_id: str, state: RequestState, fetch: KVFetch, arrival: float
+  ) -> None:
+    """Decode role: continues a request prefilled elsewhere, its KV brought in by `fetch`."""
+    if self.error is not None:
+      raise EngineDeadError(str(self.error))
+    self._inbox.put(_Import(request_id, state, fetch, arrival))
+
   def stats(self) -> dict[str, int]:
     """The engine's counters after the last step."""
     return self._stats
@@ -96,8 +137,8 @@ class EngineCore:
   def _run(self, warmup: bool) -> None:
     try:
       if warmup:
-        self.engine.runner.warmup(cancel=self._stopping)
-        self._stats = self.engine.stats()
+        self._warmup()
+        self._stats = self._read_stats()
       self.ready.set()
       while self._turn():
         pass
@@ -107,33 +148,114 @@ class EngineCore:
       error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
     self._die(error)
 
+  def _warmup(self) -> None:
+    runner, role = self.engine.runner, self.engine.role
+    shapes = self.engine.config.step_shapes
+    if role != "colocated":  # each stage compiles the calls it makes (a decode stage's rare
+      shapes = [s for s in shapes if (s[1] == 1) == (role == "decode")]  # recompute compiles)
+    runner.warmup(shapes, cancel=self._stopping)
+    if role != "colocated" and not self._stopping.is_set():
+      runner.warmup_transfers(export=role == "prefill", imports=role == "decode")
+
   def _turn(self) -> bool:
-    """Drains the inbox and runs one step; False once told to stop."""
-    # Block only while idle: a busy engine just looks at the inbox between steps.
-    messages = [] if self.engine.has_unfinished() else [self._inbox.get()]
+    """Drains the inbox, moves imports along and runs one step; False once told to stop."""
+    # Block only while idle: a busy engine just looks at the inbox between steps, and one
+    # with KV on its way looks again soon.
+    events: list = []
+    messages = []
+    if not self.engine.has_unfinished():
+      with contextlib.suppress(queue.Empty):
+        messages.append(self._inbox.get(timeout=0.002 if self._moving else None))
     while True:
       try:
         messages.append(self._inbox.get_nowait())
       except queue.Empty:
         break
-    deltas = []
     for m in messages:
       if m is _STOP:
-        deltas += [self.engine.abort(rid) for rid in list(self.engine.requests)]
-        self._on_deltas(deltas)
+        self._abort_all(events)
+        self._on_deltas(events)
         return False
       if isinstance(m, _Add):
         self.engine.add_request(m.token_ids, m.params, m.request_id, arrival=m.arrival)
-      elif (delta := self.engine.abort(m.request_id)) is not None:
-        deltas.append(delta)
+      elif isinstance(m, _Import):
+        self._imports.append(m)
+      elif isinstance(m, _Release):
+        self.engine.release(m.request_id)
+      else:
+        self._abort(m.request_id, events)
+    self._move_imports(events)
     if self.engine.has_unfinished():
       if self._step_hook is not None:
         self._step_hook()
-      deltas += self.engine.step()
-    self._stats = self.engine.stats()
-    if deltas:
-      self._on_deltas(deltas)
+      events += self.engine.step()
+      for request, pages in self.engine.take_handoffs():
+        kv = self.engine.runner.export_pages(pages)
+        state = RequestState.of(request)
+        events.append(Handoff(request.request_id, state, kv, len(pages), request.timing()))
+    self._stats = self._read_stats()
+    if events:
+      self._on_deltas(events)
     return True
+
+  def _move_imports(self, events: list) -> None:
+    """Reserves pages for waiting imports (in order, while the pool allows), starts their
+    fetches, and admits those whose KV has landed. Never waits for a copy."""
+    runner = self.engine.runner
+    while self._imports:
+      m = self._imports[0]
+      m.pages = self.engine.reserve(m.request_id, len(m.state.prompt_ids))
+      if m.pages is None:
+        break  # the pool is full: the decode batch frees pages as it finishes
+      self._imports.popleft()
+      n = len(runner.page_list(m.pages))
+      try:
+        m.kv = m.fetch(runner.kv_sharding(n), runner.kv_shape(n))
+      except Exception as e:  # noqa: BLE001 - the request fails, the stage goes on
+        self._fail(m.request_id, e, events)
+        continue
+      self._moving[m.request_id] = m
+    for m in [m for m in self._moving.values() if m.kv.is_ready()]:
+      del self._moving[m.request_id]
+      try:
+        jax.block_until_ready(m.kv)  # ready: raises at once if the copy failed
+        runner.import_pages(m.kv, m.pages)
+      except Exception as e:  # noqa: BLE001
+        self._fail(m.request_id, e, events)
+        continue
+      self.engine.admit(m.request_id, m.state, arrival=m.arrival)
+      seconds, size = time.perf_counter() - m.arrival, m.kv.nbytes
+      self.transfers["kv_transfers"] += 1
+      self.transfers["kv_transfer_bytes"] += size
+      self.transfers["kv_transfer_seconds"] += seconds
+      events.append(Landed(m.request_id, seconds, size))
+
+  def _fail(self, request_id: str, error: Exception, events: list) -> None:
+    log.warning("request %s: KV transfer failed: %s", request_id, error)
+    self.engine.abort(request_id)
+    message = f"the KV transfer failed: {type(error).__name__}: {error}"
+    events.append(StageFailed(request_id, TransferError(message)))
+
+  def _abort(self, request_id: str, events: list) -> None:
+    self._moving.pop(request_id, None)  # a copy in flight lands nowhere: dropped
+    for m in self._imports:
+      if m.request_id == request_id:
+        self._imports.remove(m)
+        break
+    if (delta := self.engine.abort(request_id)) is not None:
+      events.append(delta)
+
+  def _abort_all(self, events: list) -> None:
+    self._imports.clear()
+    self._moving.clear()
+    engine = self.engine
+    for request_id in [*engine.requests, *engine.pinned, *engine.reserved]:
+      self._abort(request_id, events)
+
+  def _read_stats(self) -> dict:
+    stats = self.engine.stats()
+    stats["importing"] = len(self._imports) + len(self._moving)
+    return stats | self.transfers
 
   def _die(self, error: EngineDeadError) -> None:
     self.error = error

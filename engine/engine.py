@@ -4,6 +4,13 @@
 one device step and returns a delta for every request it advanced. It takes token ids: the
 front ends (`LLM`, `AsyncEngine`) tokenize. `LLM` drives it for offline batches; `EngineCore`
 owns it on a thread of its own for the server.
+
+Disaggregated serving runs two engines, one per stage (`role`):
+- a "prefill" engine stops each request at its first token: the request leaves the batch with
+  its pages pinned (`take_handoffs`) until `release`, so its KV can be copied out meanwhile;
+- a "decode" engine `reserve`s pages for a request prefilled elsewhere, and once the KV has
+  been written into them, `admit`s it to continue from its first token.
+A "colocated" engine (the default) does both, with no hand-off.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Sequence
 from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator
 from engine.output import RequestDelta, TextStream, TokenLogprob
-from engine.request import Request
+from engine.request import Request, RequestState
 from engine.runner import Runner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -37,9 +44,14 @@ class StepStats:
   seconds: float
 
 
+ROLES = ("colocated", "prefill", "decode")
+
+
 class Engine:
-  def __init__(self, model: Model, config: EngineConfig):
-    self.model, self.config = model, config
+  def __init__(self, model: Model, config: EngineConfig, *, role: str = "colocated"):
+    if role not in ROLES:
+      raise ValueError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    self.model, self.config, self.role = model, config, role
     self.tokenizer = model.tokenizer
     self.allocator = PageAllocator(
       config.num_pages, config.page_size, prefix_caching=config.prefix_caching
@@ -51,6 +63,9 @@ class Engine:
     self._seeds = random.Random(config.seed)
     self.num_steps = 0
     self.last_step: StepStats | None = None
+    self.pinned: dict[str, Request] = {}  # prefill: handed off, pages held until release
+    self._handoffs: list[Request] = []  # prefill: reached their first token this step
+    self.reserved: dict[str, int] = {}  # decode: request id -> tokens its reserved pages hold
 
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
@@ -97,7 +112,11 @@ class Engine:
     return request_id
 
   def abort(self, request_id: str) -> RequestDelta | None:
-    """Stops a request and frees its pages at once; its last delta, or None if unknown."""
+    """Stops a request and frees its pages at once, wherever it is (pinned after a hand-off
+    and reserved for one included); its last delta, or None if it was not running."""
+    if self.pinned.pop(request_id, None) or self.reserved.pop(request_id, None) is not None:
+      self.allocator.free(request_id)
+      return None
     request = self.requests.pop(request_id, None)
     if request is None:
       return None
@@ -107,6 +126,46 @@ class Engine:
 
   def has_unfinished(self) -> bool:
     return bool(self.requests)
+
+  def take_handoffs(self) -> list[tuple[Request, list[int]]]:
+    """Prefill: the requests that reached their first token in the last step, each with the
+    pages that hold its prompt's KV. They stay pinned until `release` (or `abort`)."""
+    out = []
+    for request in self._handoffs:
+      pages = self.allocator.table(request.request_id)
+      out.append((request, pages[: -(-request.prompt_len // self.config.page_size)]))
+    self._handoffs = []
+    return out
+
+  def release(self, request_id: str) -> None:
+    """Prefill: the decode stage has the request's KV; its pages go back to the pool (full
+    ones stay in the prefix cache)."""
+    if self.pinned.pop(request_id, None) is not None:
+      self.allocator.free(request_id)
+
+  def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    """Decode: the pages to write the KV of a request's `num_tokens` prompt tokens into, or
+    None while the pool has too few free. One more token's room is reserved too, for its first
+    decode step. Nothing runs in them until `admit`; `abort` returns them."""
+    if request_id in self.requests or request_id in self.reserved:
+      raise ValueError(f"request_id: {request_id!r} is already in use")
+    pages = self.allocator.allocate(request_id, num_tokens + 1)
+    if pages is None:
+      self.allocator.free(request_id)  # allocate left an empty table behind
+      return None
+    self.reserved[request_id] = num_tokens
+    return list(pages[: -(-num_tokens // self.config.page_size)])
+
+  def admit(self, request_id: str, state: RequestState, *, arrival: float | None = None) -> None:
+    """Decode: continues a request whose prompt KV is now in its reserved pages."""
+    num_tokens = self.reserved.pop(request_id)
+    if num_tokens != len(state.prompt_ids):
+      raise ValueError(f"state: {len(state.prompt_ids)} prompt tokens, {num_tokens} reserved")
+    request = state.resume(request_id, self.tokenizer)
+    if arrival is not None:
+      request.arrival = arrival
+    self.requests[request_id] = request
+    self.scheduler.add(request)
 
   def step(self) -> list[RequestDelta]:
     """Runs one step; returns a delta for every request that produced a token or ended."""
@@ -126,6 +185,11 @@ class Engine:
       if request.finished:
         self.scheduler.remove(request)
         del self.requests[request.request_id]
+      elif self.role == "prefill":  # leaves the batch, its pages pinned for the hand-off
+        self.scheduler.running.remove(request)
+        del self.requests[request.request_id]
+        self.pinned[request.request_id] = request
+        self._handoffs.append(request)
       outputs.append(request.delta())
     self.num_steps += 1
     self.last_step = StepStats(
@@ -146,6 +210,8 @@ class Engine:
       preemptions=self.scheduler.num_preemptions,
       steps=self.num_steps,
       compilations=self.runner.num_compiles,
+      pinned=len(self.pinned),
+      reserved=len(self.reserved),
     )
 
   def _append(self, request: Request, sampled) -> None:

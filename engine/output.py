@@ -26,6 +26,7 @@ class RequestTiming:
   queued_s: float | None = None  # until first scheduled
   first_token_s: float | None = None
   finished_s: float | None = None
+  transfer_s: float | None = None  # disaggregated: the KV's move between the stages
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ class RequestDelta:
 
   @property
   def finished(self) -> bool:
+    return self.finish_reason is not None
+
+  @property
+  def final(self) -> bool:  # the last event of its stream
     return self.finish_reason is not None
 
 

@@ -7,6 +7,7 @@ import time
 
 from engine.output import FinishReason, RequestDelta, RequestTiming, TextStream, TokenLogprob
 from engine.sampling import SamplingParams
+from models import Tokenizer
 
 
 @dataclasses.dataclass(eq=False)
@@ -79,3 +80,36 @@ class Request:
       num_cached_tokens=self.num_cached_tokens,
       timing=self.timing(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestState:
+  """What a decode stage needs to continue a request a prefill stage took to its first token:
+  everything but the KV. Plain data, so it crosses processes as a message."""
+
+  prompt_ids: list[int]
+  output_ids: list[int]  # the first token (and any before a hand-off)
+  params: SamplingParams  # max_tokens resolved
+  seed: int  # resolved: the decode stage draws the same random stream
+  num_cached_tokens: int = 0
+
+  @classmethod
+  def of(cls, request: Request) -> RequestState:
+    return cls(
+      list(request.token_ids[: request.prompt_len]), list(request.output_ids), request.params,
+      request.seed, request.num_cached_tokens,
+    )  # fmt: skip
+
+  def resume(self, request_id: str, tokenizer: Tokenizer) -> Request:
+    """The request as the prefill stage left it: prompt KV computed, output so far reported
+    (its text is rebuilt, so stop strings and detokenization carry on seamlessly)."""
+    stream = TextStream(tokenizer, self.params.stop)
+    for token in self.output_ids:
+      stream.add(token)
+    ids = self.prompt_ids + self.output_ids
+    request = Request(request_id, ids, len(self.prompt_ids), self.params, self.seed, stream)
+    request.num_computed = len(self.prompt_ids)
+    request.num_cached_tokens = self.num_cached_tokens
+    request.logprobs = [None] * len(self.output_ids)  # reported by the prefill stage
+    request._reported, request._reported_text = len(self.output_ids), len(stream.text)
+    return request

@@ -24,11 +24,12 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator
 from engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from engine.scheduler import Chunk, Schedule
@@ -77,9 +78,28 @@ def model_step(
   return sampled, logits, cache
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _gather_pages(cache: KVCache, pages: jax.Array, out_sharding) -> jax.Array:
+  """The KV of `pages` [n], packed: [2 (k, v), L, n, Z, K, D], split as the pool is."""
+  kv = jnp.stack([cache.k[:, pages], cache.v[:, pages]])
+  return kv if out_sharding is None else jax.lax.with_sharding_constraint(kv, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _scatter_pages(cache: KVCache, kv: jax.Array, pages: jax.Array, out_sharding) -> KVCache:
+  """Writes packed KV [2, L, n, Z, K, D] into `pages` [n] of the (donated) pool."""
+  cache = KVCache(k=cache.k.at[:, pages].set(kv[0]), v=cache.v.at[:, pages].set(kv[1]))
+  return cache if out_sharding is None else jax.lax.with_sharding_constraint(cache, out_sharding)
+
+
 class Runner:
   """Owns the device KV pool and runs steps on it. With a sharded model (`model.mesh`), the
-  pool is split by the layout's rules and each step's rows are placed over `data`."""
+  pool is split by the layout's rules and each step's rows are placed over `data`.
+
+  `export_pages` and `import_pages` move a request's KV between two runners (the prefill and
+  decode stages) as a packed array [2, L, n, Z, K, D], n a page bucket: page numbers differ
+  between the pools, and so may the layouts. Padding entries of the page list are page 0, the
+  sink, on both sides."""
 
   def __init__(self, model: Model, config: EngineConfig):
     self.model, self.config = model, config
@@ -99,6 +119,51 @@ class Runner:
     self.num_compiles = 0
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
     self._no_history = {}  # [B, max_model_len] all -1, per B: unpenalized batches share one
+
+  def kv_sharding(self, num_pages: int) -> jax.sharding.Sharding:
+    """Where packed KV of `num_pages` pages goes on this runner: split as the pool is."""
+    if self.shardings is None:
+      return jax.sharding.SingleDeviceSharding(self.cache.k.devices().pop())
+    spec = self.shardings.cache.spec
+    return NamedSharding(self.model.mesh, PartitionSpec(None, *spec))
+
+  def kv_shape(self, num_pages: int) -> tuple[int, ...]:
+    _, _, Z, K, D = self.cache.k.shape
+    return (2, self.model.config.num_layers, num_pages, Z, K, D)
+
+  def page_list(self, pages: list[int]) -> np.ndarray:
+    """`pages` padded with the sink page to their bucket (the packed array's n)."""
+    out = np.zeros(bucket(len(pages), self.config.page_buckets), np.int32)
+    out[: len(pages)] = pages
+    return out
+
+  def export_pages(self, pages: list[int]) -> jax.Array:
+    """The KV of `pages` (in order), packed and padded to a page bucket. Dispatched, not
+    waited for: the next step may donate the pool while the copy runs."""
+    padded = self.page_list(pages)
+    out = None if self.shardings is None else self.kv_sharding(len(padded))
+    return _gather_pages(self.cache, self._replicated(padded), out)
+
+  def import_pages(self, kv: jax.Array, pages: list[int]) -> None:
+    """Writes packed KV (as export_pages gives it, already in `kv_sharding`) into `pages`."""
+    padded = self.page_list(pages)
+    if kv.shape != self.kv_shape(len(padded)):
+      raise ValueError(f"kv: shape {kv.shape}, expected {self.kv_shape(len(padded))}")
+    out = None if self.shardings is None else self.shardings.cache
+    self.cache = _scatter_pages(self.cache, kv, self._replicated(padded), out)
+
+  def warmup_transfers(self, *, export: bool, imports: bool) -> None:
+    """Compiles the page mover of every page bucket, so no transfer compiles while serving."""
+    for n in self.config.page_buckets:
+      if export:
+        self.export_pages([0] * n)
+      if imports:
+        kv = jax.device_put(jnp.zeros(self.kv_shape(n), self.cache.k.dtype), self.kv_sharding(n))
+        self.import_pages(kv, [0] * n)
+    jax.block_until_ready(self.cache)
+
+  def _replicated(self, x: np.ndarray):
+    return x if self.shardings is None else put(x, self.shardings.replicated)
 
   def warmup(
     self,

@@ -115,8 +115,8 @@ class Scheduler:
       break  # the request itself was preempted: it was the newest, nothing is left
 
     while self.waiting and budget > 0 and len(self.running) < cfg.max_batch and not out.preempted:
-      request = self.waiting[0]
-      if request.num_computed == 0:
+      request, cached = self.waiting[0], 0
+      if request.num_computed == 0:  # else its KV came from a prefill stage (disaggregated)
         cached = self.allocator.match_prefix(request.request_id, request.token_ids)
         request.num_computed = cached
         if request.scheduled_at is None:
@@ -130,7 +130,7 @@ class Scheduler:
         break
       self.waiting.popleft()
       self.running.append(request)
-      self.num_cached_tokens += request.num_computed
+      self.num_cached_tokens += cached
       if request.scheduled_at is None:
         request.scheduled_at = time.perf_counter()
       take(request, length)

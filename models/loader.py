@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import pathlib
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,7 @@ def load_model(
   dtype=jnp.float32,
   attention: AttentionBackend | str | None = None,
   layout: Layout | str | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Model:
   """Loads a registered model, a .gguf file or an Orbax checkpoint directory.
 
@@ -133,6 +135,7 @@ def load_model(
   model is unsharded; xla elsewhere).
   layout: None puts every parameter on the default device; a Layout or a string such as
   "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
+  devices: the devices the layout's mesh takes (default: all), e.g. a stage's share of them.
   """
   if isinstance(layout, str):
     layout = Layout.parse(layout)
@@ -142,7 +145,9 @@ def load_model(
     attention = AttentionBackend(attention)
   if attention.kind == "native" and (layout is not None or jax.default_backend() != "cpu"):
     raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
-  mesh = None if layout is None else layout.make_mesh()
+  if devices is not None and layout is None:
+    raise ValueError("devices: give a layout too (tp=1 for one device)")
+  mesh = None if layout is None else layout.make_mesh(devices)
   start = time.perf_counter()
   load = _load_checkpoint if checkpoint.is_checkpoint(name_or_path) else _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)

@@ -5,7 +5,7 @@ Models name logical axes only: every parameter carries `logical_axes` metadata
 maps them to mesh axes.
 """
 
-from sharding.layout import AXES, Layout
+from sharding.layout import AXES, Layout, split_devices
 from sharding.rules import MEGATRON, Rules, spec_for
 from sharding.shard import (
   KV_CACHE_AXES,
@@ -28,4 +28,5 @@ __all__ = [
   "put",
   "shard_state",
   "spec_for",
+  "split_devices",
 ]

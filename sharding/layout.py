@@ -75,3 +75,22 @@ class Layout:
       axis_types=(AxisType.Auto,) * len(AXES),
       devices=devices[: self.num_devices],
     )
+
+
+def split_devices(
+  *layouts: Layout, devices: Sequence[jax.Device] | None = None
+) -> list[list[jax.Device]]:
+  """Disjoint device sets, one per layout, in order (e.g. a prefill and a decode mesh)."""
+  devices = jax.devices() if devices is None else list(devices)
+  need = sum(layout.num_devices for layout in layouts)
+  if need > len(devices):
+    shown = " + ".join(str(layout) for layout in layouts)
+    raise ValueError(
+      f"layouts {shown} need {need} devices, found {len(devices)}"
+      " (on CPU, fake more with --cpu-devices N)"
+    )
+  out, start = [], 0
+  for layout in layouts:
+    out.append(devices[start : start + layout.num_devices])
+    start += layout.num_devices
+  return out

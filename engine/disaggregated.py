@@ -1,0 +1,168 @@
+"""Prefill and decode as separate stages in one process, each on its own mesh.
+
+    engine = DisaggregatedEngine(Engine(prefill_model, cfg, role="prefill"),
+                                 Engine(decode_model, cfg, role="decode"))
+    async for delta in engine.generate("Hello", SamplingParams(max_tokens=16)): ...
+
+It has the streaming API of `AsyncEngine`, so the server serves either. Each request runs on
+the prefill core to its first token (streamed at once), then its state and KV go to the
+decode core: the decode core reserves pages, the KV crosses by `jax.device_put` from the
+prefill layout into the decode layout, and the prefill pages are released once it has landed.
+A long prompt therefore never holds up a decode step, and each stage runs its own layout.
+Leaving the stream at any point (cancel, deadline, disconnect) frees the pages on both sides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from engine.async_engine import AsyncEngine, RequestIdInUseError
+from engine.config import EngineConfig
+from engine.core import EngineDeadError
+from engine.engine import Engine
+from engine.handoff import Handoff, Landed
+from engine.output import RequestDelta, RequestTiming
+from engine.sampling import SamplingParams
+from models import ModelConfig
+
+
+class DisaggregatedEngine:
+  def __init__(
+    self,
+    prefill: Engine,
+    decode: Engine,
+    *,
+    max_queue: int | None = None,
+    warmup: bool = False,
+    step_hook: Callable[[], None] | None = None,
+    on_dead: Callable[[EngineDeadError], None] | None = None,
+  ):
+    """max_queue bounds the prefill stage's queue; warmup, step_hook and on_dead are as for
+    AsyncEngine, for both stages (on_dead fires once, for the first stage that fails)."""
+    if (prefill.role, decode.role) != ("prefill", "decode"):
+      raise ValueError(f"roles: expected prefill and decode, got {prefill.role}, {decode.role}")
+    for name in ("page_size", "max_model_len"):
+      if getattr(prefill.config, name) != getattr(decode.config, name):
+        raise ValueError(f"{name}: the prefill and decode stages must agree")
+    self._notify_dead, self._dead_once = on_dead, threading.Lock()
+    self._told = False
+    kw = dict(warmup=warmup, step_hook=step_hook, on_dead=self._on_dead)
+    self.prefill = AsyncEngine(prefill, max_queue=max_queue, **kw)
+    self.decode = AsyncEngine(decode, **kw)
+    self.tokenizer = self.prefill.tokenizer
+    self._client_ids: set[str] = set()  # in flight in either stage
+    self.ready = threading.Event()  # set once both stages are warm (or one has failed)
+    threading.Thread(target=self._wait_ready, name="meshserve-stages-ready", daemon=True).start()
+
+  @property
+  def error(self) -> EngineDeadError | None:
+    return self.prefill.error or self.decode.error
+
+  @property
+  def config(self) -> EngineConfig:
+    return self.prefill.config
+
+  @property
+  def model_config(self) -> ModelConfig:
+    return self.prefill.model_config
+
+  @property
+  def max_queue(self) -> int | None:
+    return self.prefill.max_queue
+
+  def encode(self, text: str) -> list[int]:
+    return self.prefill.encode(text)
+
+  def encode_chat(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[int]]:
+    return self.prefill.encode_chat(messages)
+
+  async def generate(
+    self,
+    prompt: str | Sequence[int],
+    params: SamplingParams | None = None,
+    request_id: str | None = None,
+    *,
+    deadline: float | None = None,
+  ) -> AsyncIterator[RequestDelta]:
+    """As AsyncEngine.generate; the last delta's timing has the KV's transfer time."""
+    if request_id is not None:
+      if request_id in self._client_ids:
+        raise RequestIdInUseError(f"request_id: {request_id!r} is already in flight")
+      self._client_ids.add(request_id)
+    try:
+      async for delta in self._generate(prompt, params, request_id, deadline):
+        yield delta
+    finally:
+      self._client_ids.discard(request_id)
+
+  async def _generate(self, prompt, params, request_id, deadline):
+    arrival, first, handoff = time.perf_counter(), None, None
+    prefill = self.prefill.generate(prompt, params, request_id, deadline=deadline)
+    async with contextlib.aclosing(prefill):
+      async for event in prefill:
+        if isinstance(event, Handoff):
+          handoff = event
+        else:
+          first = event
+          yield event
+    if handoff is None:  # the first token finished it
+      return
+    try:
+      transfer = None
+      decode = self.decode.resume(handoff.state, handoff.fetch, request_id, deadline=deadline)
+      async with contextlib.aclosing(decode):
+        async for event in decode:
+          if isinstance(event, Landed):
+            self.prefill.release(handoff)  # the decode pool has the KV now
+            transfer = event.seconds
+            continue
+          if event.finished:
+            timing = RequestTiming(
+              queued_s=first.timing.queued_s,
+              first_token_s=first.timing.first_token_s,
+              finished_s=time.perf_counter() - arrival,
+              transfer_s=transfer,
+            )
+            event = dataclasses.replace(event, timing=timing)
+          yield event
+    finally:
+      self.prefill.release(handoff)  # whatever happened, the prefill pages go back
+
+  def stats(self) -> dict[str, int]:
+    """The two stages' counters added up (per stage: `stages`)."""
+    out: dict = {}
+    for _, stats in self.stages():
+      for key, value in stats.items():
+        out[key] = out.get(key, 0) + value
+    return out
+
+  def stages(self) -> list[tuple[str, dict]]:
+    return [("prefill", self.prefill.stats()), ("decode", self.decode.stats())]
+
+  def shutdown(self, timeout: float | None = None) -> None:
+    self.prefill.shutdown(timeout)
+    self.decode.shutdown(timeout)
+
+  def _wait_ready(self) -> None:
+    for stage in (self.prefill, self.decode):
+      stage.ready.wait()
+      if stage.error is not None:
+        break
+    self.ready.set()
+
+  def _on_dead(self, error: EngineDeadError) -> None:
+    """Either stage failing fails the engine: the other stage is shut down too."""
+    with self._dead_once:
+      told, self._told = self._told, True
+    if told:
+      return
+    if self._notify_dead is not None:
+      self._notify_dead(error)
+    self.ready.set()
+    for stage in (self.prefill, self.decode):
+      if stage.error is None:
+        threading.Thread(target=stage.shutdown, daemon=True).start()

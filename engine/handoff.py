@@ -1,0 +1,66 @@
+"""The events of disaggregated serving, between a prefill engine core and a decode one.
+
+A prefill core ends a request's stream with a `Handoff`: the request's state and its prompt's
+KV, packed by `Runner.export_pages` (the copy is dispatched, not waited for). Its pages stay
+pinned in the prefill pool until the stream's consumer releases them.
+
+A decode core takes the state and a `KVFetch`: it first reserves pages, then calls the fetch
+with the packed array's target sharding (its own layout) and shape. The fetch starts the copy
+and returns at once: `jax.device_put` within a process, a `jax.experimental.transfer` pull
+across processes. The core keeps stepping while the copy runs; once the array is ready it
+writes it into the reserved pages, admits the request and reports `Landed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from engine.output import RequestTiming
+from engine.request import RequestState
+
+# (sharding, shape) -> the packed KV [2, L, n, Z, K, D] in that sharding; may not be ready yet.
+KVFetch = Callable[[jax.sharding.Sharding, tuple[int, ...]], jax.Array]
+
+
+class TransferError(RuntimeError):
+  """A request's KV could not be moved between the stages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+  """A prefill stream's last event: continue `state` on a decode stage with `kv`."""
+
+  request_id: str  # the prefill core's id: what `release` takes
+  state: RequestState
+  kv: jax.Array  # packed [2, L, n, Z, K, D] on the prefill mesh, n a page bucket
+  num_pages: int  # pages that hold the prompt (n >= num_pages; the rest is padding)
+  timing: RequestTiming  # the prefill stage's queue and first-token times
+  final = True
+
+  def fetch(self, sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.Array:
+    """The in-process KVFetch: one device_put into the decode stage's sharding."""
+    if shape != self.kv.shape:
+      raise TransferError(f"kv: decode expects {shape}, prefill packed {self.kv.shape}")
+    return jax.device_put(self.kv, sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Landed:
+  """A decode stream's first event: the KV is in the decode pool and the request runs."""
+
+  request_id: str
+  seconds: float  # from the import's arrival, waiting for pages included
+  bytes: int
+  final = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFailed:
+  """A request's stream ends with an error of its own (the stage goes on serving)."""
+
+  request_id: str
+  error: Exception
+  final = True
