@@ -62,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
   from engine import EngineConfig
   from server.serve import ServeOptions, serve
 
+  _check_topology(args)
   if args.max_queue < 0:
     raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
   if bool(args.tls_cert) != bool(args.tls_key):
@@ -92,8 +93,44 @@ def _serve(args: argparse.Namespace) -> int:
     drain_timeout=args.drain_timeout,
     warmup=not args.no_warmup,
     compilation_cache=args.compilation_cache,
+    role=args.role,
+    mode=args.mode,
+    prefill_layout=args.prefill_layout,
+    decode_layout=args.decode_layout,
+    prefill_workers=_addresses(args.prefill, "--prefill"),
+    decode_workers=_addresses(args.decode, "--decode"),
   )
   return asyncio.run(serve(opts))
+
+
+def _check_topology(args: argparse.Namespace) -> None:
+  """Flags that only make sense together; before any device or model is touched."""
+  if args.mode == "disaggregated" and args.role != "all":
+    raise ValueError("--mode disaggregated runs both stages in one process: leave --role out")
+  if args.mode == "disaggregated" and args.layout:
+    raise ValueError(
+      "--mode disaggregated: give --prefill-layout and --decode-layout, not --layout"
+    )
+  if args.mode != "disaggregated" and (args.prefill_layout or args.decode_layout):
+    raise ValueError("--prefill-layout and --decode-layout need --mode disaggregated")
+  if args.role == "router":
+    if not (args.prefill and args.decode):
+      raise ValueError("--role router needs --prefill ADDR[,ADDR...] and --decode ADDR[,ADDR...]")
+  elif args.prefill or args.decode:
+    raise ValueError("--prefill and --decode name a router's workers: add --role router")
+  args.prefill_layout = args.prefill_layout or "tp=1"
+  args.decode_layout = args.decode_layout or "tp=1"
+
+
+def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
+  if not text:
+    return ()
+  out = tuple(a.strip() for a in text.split(","))
+  for address in out:
+    host, sep, port = address.rpartition(":")
+    if not (host and sep and port.isdigit()):
+      raise ValueError(f"{flag}: {address!r} is not HOST:PORT")
+  return out
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -189,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
   srv.add_argument(
     "--no-warmup", action="store_true", help="skip compiling every step shape before SERVING"
   )
+  topo = srv.add_argument_group("topology (see README: Disaggregated serving)")
+  topo.add_argument(
+    "--mode", choices=("colocated", "disaggregated"), default="colocated",
+    help="disaggregated: prefill and decode stages in this process, each on its own devices",
+  )  # fmt: skip
+  topo.add_argument(
+    "--prefill-layout", default=None, help="disaggregated: e.g. tp=2 (default tp=1)"
+  )
+  topo.add_argument("--decode-layout", default=None, help="disaggregated: e.g. tp=4 (default tp=1)")
+  topo.add_argument(
+    "--role", choices=("all", "prefill", "decode", "router"), default="all",
+    help="all: serve here; prefill/decode: a stage worker for a router; router: the public "
+    "endpoint over workers",
+  )  # fmt: skip
+  topo.add_argument("--prefill", default=None, help="router: prefill workers, ADDR[,ADDR...]")
+  topo.add_argument("--decode", default=None, help="router: decode workers, ADDR[,ADDR...]")
   _add_device_flags(srv)
   srv.set_defaults(func=_serve)
 

@@ -2,7 +2,8 @@
 process in tests) and served over HTTP by `prometheus_client`.
 
 Per-request histograms and counters are updated when a request ends; the engine's live gauges
-(running, waiting, KV pages, compilations) are read from its stats at scrape time.
+(running, waiting, KV pages, compilations, KV transfers) are read from its stats at scrape
+time, one series per stage: `stage="colocated"`, or `stage="prefill"` and `stage="decode"`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120
 PER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
+Stages = Callable[[], list[tuple[str, dict]]]  # (role, stats) of each stage
+
+
 class Metrics:
-  def __init__(self, stats: Callable[[], dict[str, int]]):
+  def __init__(self, stages: Stages):
     self.registry = CollectorRegistry()
     r = self.registry
     self.requests = Counter(
@@ -50,7 +54,11 @@ class Metrics:
       buckets=LATENCY_BUCKETS, registry=r,
     )  # fmt: skip
     self.totals = {"prompt": 0, "cached": 0}  # for the hit rate, read at scrape time
-    r.register(_EngineCollector(stats, self.totals))
+    self.transfer = Histogram(
+      "meshserve_kv_transfer_seconds", "A request's KV hand-off from the prefill to the decode "
+      "stage, waits for pages included", buckets=LATENCY_BUCKETS, registry=r,
+    )  # fmt: skip
+    r.register(_EngineCollector(stages, self.totals))
 
   def request_done(self, status: str, last: RequestDelta | None) -> None:
     self.requests.labels(status, (last and last.finish_reason) or "none").inc()
@@ -62,6 +70,8 @@ class Metrics:
     self.totals["cached"] += last.num_cached_tokens
     self.generated_tokens.inc(last.num_output_tokens)
     t = last.timing
+    if t.transfer_s is not None:
+      self.transfer.observe(t.transfer_s)
     if t.queued_s is not None:
       self.queue.observe(t.queued_s)
     if t.first_token_s is not None:
@@ -77,31 +87,41 @@ class Metrics:
 
 
 class _EngineCollector(Collector):
-  """The engine's counters, read when scraped."""
+  """The engine's counters, one series per stage, read when scraped."""
 
-  def __init__(self, stats: Callable[[], dict[str, int]], totals: dict[str, int]):
-    self.stats, self.totals = stats, totals
+  GAUGES = {
+    "meshserve_requests_running": ("Requests in the running batch", "running"),
+    "meshserve_requests_waiting": ("Requests accepted and waiting to run", "waiting"),
+    "meshserve_kv_pages_free": ("Free KV cache pages", "free_pages"),
+    "meshserve_kv_pages_used": ("KV cache pages in use", "used_pages"),
+    "meshserve_kv_pages_total": ("KV cache pages in the pool", "total_pages"),
+    "meshserve_requests_pinned": ("Prefill: hand-offs holding pages until landed", "pinned"),
+    "meshserve_requests_importing": ("Decode: requests waiting for pages or their KV", "importing"),
+  }  # fmt: skip
+  COUNTERS = {
+    "meshserve_compilations": ("Device step shapes compiled since start", "compilations"),
+    "meshserve_engine_steps": ("Engine steps run", "steps"),
+    "meshserve_preemptions": ("Requests preempted for lack of KV pages", "preemptions"),
+    "meshserve_kv_transfers": ("Decode: KV hand-offs landed", "kv_transfers"),
+    "meshserve_kv_transfer_bytes": ("Decode: bytes of KV handed over", "kv_transfer_bytes"),
+  }
+
+  def __init__(self, stages: Stages, totals: dict[str, int]):
+    self.stages, self.totals = stages, totals
 
   def collect(self):
-    s = self.stats()
+    stages = [
+      (role, s | {"used_pages": s["total_pages"] - s["free_pages"]}) for role, s in self.stages()
+    ]
+    for kind, table in ((GaugeMetricFamily, self.GAUGES), (CounterMetricFamily, self.COUNTERS)):
+      for name, (doc, key) in table.items():
+        family = kind(name, doc, labels=["stage"])
+        for role, stats in stages:
+          family.add_metric([role], stats.get(key, 0))
+        yield family
     hit_rate = self.totals["cached"] / max(self.totals["prompt"], 1)
-    gauges = {
-      "meshserve_requests_running": ("Requests in the running batch", s["running"]),
-      "meshserve_requests_waiting": ("Requests accepted and waiting to run", s["waiting"]),
-      "meshserve_kv_pages_free": ("Free KV cache pages", s["free_pages"]),
-      "meshserve_kv_pages_used": ("KV cache pages in use", s["total_pages"] - s["free_pages"]),
-      "meshserve_kv_pages_total": ("KV cache pages in the pool", s["total_pages"]),
-      "meshserve_prefix_cache_hit_rate": (
-        "Share of finished requests' prompt tokens served from the prefix cache",
-        hit_rate,
-      ),
-    }
-    for name, (doc, value) in gauges.items():
-      yield GaugeMetricFamily(name, doc, value=value)
-    counters = {
-      "meshserve_compilations": ("Device step shapes compiled since start", s["compilations"]),
-      "meshserve_engine_steps": ("Engine steps run", s["steps"]),
-      "meshserve_preemptions": ("Requests preempted for lack of KV pages", s["preemptions"]),
-    }
-    for name, (doc, value) in counters.items():
-      yield CounterMetricFamily(name, doc, value=value)
+    yield GaugeMetricFamily(
+      "meshserve_prefix_cache_hit_rate",
+      "Share of finished requests' prompt tokens served from the prefix cache",
+      value=hit_rate,
+    )

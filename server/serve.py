@@ -29,10 +29,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import AsyncEngine, Engine, EngineConfig
+from engine.disaggregated import DisaggregatedEngine
 from engine.runner import enable_compilation_cache
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
 from server.servicer import InferenceServicer, ServingInfo
+from sharding import Layout, split_devices
 
 log = logging.getLogger("meshserve.server")
 
@@ -56,6 +58,12 @@ class ServeOptions:
   drain_timeout: float = 30.0
   warmup: bool = True
   compilation_cache: str | None = None  # a directory; "" turns the cache off
+  role: str = "all"  # "all" (this process serves), "prefill" or "decode" (a worker), "router"
+  mode: str = "colocated"  # role "all": "colocated" or "disaggregated" (two stages, one process)
+  prefill_layout: str = "tp=1"  # disaggregated: each stage's layout, on devices of its own
+  decode_layout: str = "tp=1"
+  prefill_workers: tuple[str, ...] = ()  # router: the workers' addresses
+  decode_workers: tuple[str, ...] = ()
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
@@ -125,7 +133,11 @@ async def serve(opts: ServeOptions) -> int:
     loop.add_signal_handler(sig, stop.set)
   if opts.compilation_cache != "":
     log.info("persistent compilation cache: %s", enable_compilation_cache(opts.compilation_cache))
-  model = await asyncio.to_thread(_load, opts)
+  if opts.role == "router":
+    from server.router import serve_router
+
+    return await serve_router(opts, stop, token)
+  models = await asyncio.to_thread(_load, opts)
   if stop.is_set():
     log.info("stopped while loading the model")
     return 0
@@ -137,21 +149,37 @@ async def serve(opts: ServeOptions) -> int:
       not_serving = _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
       asyncio.run_coroutine_threadsafe(not_serving, loop)
 
-  # The warm-up starts now, on the engine core's thread; health says SERVING once it is done.
-  engine = AsyncEngine(
-    Engine(model, opts.engine), max_queue=opts.max_queue, warmup=opts.warmup,
-    step_hook=fault_hook(), on_dead=on_dead,
-  )  # fmt: skip
-  metrics = Metrics(engine.stats)
+  # The warm-up starts now, on the engine cores' threads; health says SERVING once it is done.
+  kw = dict(max_queue=opts.max_queue, warmup=opts.warmup, step_hook=fault_hook(), on_dead=on_dead)
+  if opts.role == "all" and opts.mode == "disaggregated":
+    prefill, decode = models
+    engine = DisaggregatedEngine(
+      Engine(prefill, opts.engine, role="prefill"), Engine(decode, opts.engine, role="decode"), **kw
+    )
+  else:
+    role = "colocated" if opts.role == "all" else opts.role
+    engine = AsyncEngine(Engine(models[0], opts.engine, role=role), **kw)
+  metrics = Metrics(engine.stages)
   info = ServingInfo(
-    model=model.config.name,
-    layout=str(model.layout) if model.layout is not None else "single device",
-    num_devices=1 if model.mesh is None else model.mesh.size,
+    model=models[0].config.name,
+    layout=_layouts(models),
+    num_devices=sum(1 if m.mesh is None else m.mesh.size for m in models),
     platform=jax.default_backend(),
-    attention=model.attention.kind,
-    dtype=jnp.dtype(model.config.dtype).name,
+    attention=models[0].attention.kind,
+    dtype=jnp.dtype(models[0].config.dtype).name,
   )
-  server, port = _grpc_server(opts, InferenceServicer(engine, info, metrics), checks, token)
+  services = [
+    (
+      SERVICE,
+      inference_pb2_grpc.add_InferenceServicer_to_server,
+      InferenceServicer(engine, info, metrics),
+    )
+  ]
+  if opts.role in ("prefill", "decode"):
+    from server.stages import stage_service
+
+    services.append(stage_service(engine, opts))
+  server, port = _grpc_server(opts, services, checks, token)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   tls = " with TLS" if opts.tls_cert else ""
@@ -183,13 +211,9 @@ async def serve(opts: ServeOptions) -> int:
   return 0
 
 
-def _grpc_server(
-  opts: ServeOptions,
-  servicer: InferenceServicer,
-  checks: health.aio.HealthServicer,
-  token: str | None,
-):
-  """The server with every service registered and its port bound, not started yet."""
+def _grpc_server(opts: ServeOptions, services, checks: health.aio.HealthServicer, token):
+  """The server with every service registered and its port bound, not started yet.
+  services: (full name, add_*Servicer_to_server, servicer) of each service besides health."""
   server = grpc.aio.server(
     interceptors=[BearerTokenAuth(token)] if token else [],
     options=[
@@ -197,10 +221,12 @@ def _grpc_server(
       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ],
   )
-  inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+  for _, add, servicer in services:
+    add(servicer, server)
   health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-  services = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-  reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
+  names = [name for name, _, _ in services]
+  names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+  reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
   address = f"{opts.host}:{opts.port}"
   if opts.tls_cert is None:
     return server, server.add_insecure_port(address)
@@ -213,7 +239,24 @@ async def _set_health(checks: health.aio.HealthServicer, status) -> None:
   await checks.set(SERVICE, status)
 
 
-def _load(opts: ServeOptions):
+def _load(opts: ServeOptions) -> list:
+  """The model, or in disaggregated mode one per stage, each on its own devices."""
   from models import load_model
 
-  return load_model(opts.model, layout=opts.layout)
+  if opts.role == "all" and opts.mode == "disaggregated":
+    layouts = [Layout.parse(opts.prefill_layout), Layout.parse(opts.decode_layout)]
+    devices = split_devices(*layouts)
+    return [
+      load_model(opts.model, layout=lay, devices=d) for lay, d in zip(layouts, devices, strict=True)
+    ]
+  return [load_model(opts.model, layout=opts.layout)]
+
+
+def _layouts(models: list) -> str:
+  """ "tp=4", "single device", or per stage: "prefill tp=2, decode tp=4"."""
+  names = [str(m.layout) if m.layout is not None else "single device" for m in models]
+  if len(models) == 1:
+    return names[0]
+  return ", ".join(
+    f"{role} {name}" for role, name in zip(("prefill", "decode"), names, strict=True)
+  )

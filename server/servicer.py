@@ -20,13 +20,14 @@ import time
 import grpc
 
 from engine import (
-  AsyncEngine,
   EngineDeadError,
   QueueFullError,
   RequestDelta,
   RequestIdInUseError,
+  RequestTiming,
   SamplingParams,
 )
+from engine.handoff import TransferError
 from engine.sampling import MAX_LOGPROBS
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2 as pb
@@ -61,9 +62,12 @@ class EngineNotReady(RuntimeError):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-  def __init__(self, engine: AsyncEngine, info: ServingInfo, metrics: Metrics):
+  """Over any engine front end with AsyncEngine's streaming API: an AsyncEngine (colocated)
+  or a DisaggregatedEngine (prefill and decode stages in this process)."""
+
+  def __init__(self, engine, info: ServingInfo, metrics: Metrics):
     self.engine, self.info, self.metrics = engine, info, metrics
-    self.config = engine.engine.config
+    self.config = engine.config
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
     start, status, delta = time.perf_counter(), grpc.StatusCode.UNKNOWN, None
@@ -90,7 +94,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       status, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     except TimeoutError:
       status, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
-    except (EngineDeadError, EngineNotReady) as e:
+    except (EngineDeadError, EngineNotReady, TransferError) as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
       status = grpc.StatusCode.CANCELLED
@@ -114,7 +118,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     return pb.TokenizeResponse(token_ids=ids, text=text)
 
   async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
-    cfg, model_cfg, stats = self.config, self.engine.engine.model.config, self.engine.stats()
+    cfg, model_cfg = self.config, self.engine.model_config
     return pb.ModelInfo(
       model=self.info.model,
       vocab_size=model_cfg.vocab_size,
@@ -129,7 +133,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       platform=self.info.platform,
       attention=self.info.attention,
       dtype=self.info.dtype,
-      stages=[pb.Stage(role="colocated", stats=stage_stats(stats))],
+      stages=[
+        pb.Stage(role=role, stats=stage_stats(stats)) for role, stats in self.engine.stages()
+      ],
       max_num_batched_tokens=cfg.max_num_batched_tokens,
     )
 
@@ -157,7 +163,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     return field, ids
 
   def _sampling(self, s: pb.SamplingParams, field: str, prompt_len: int) -> SamplingParams:
-    vocab = self.engine.engine.model.config.vocab_size
+    vocab = self.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
       raise InvalidArgument(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
     room = self.config.max_model_len - prompt_len
@@ -213,6 +219,11 @@ def stage_stats(stats: dict[str, int]) -> pb.StageStats:
     preemptions=stats["preemptions"],
     steps=stats["steps"],
     compilations=stats["compilations"],
+    pinned=stats.get("pinned", 0),
+    importing=stats.get("importing", 0),
+    kv_transfers=stats.get("kv_transfers", 0),
+    kv_transfer_bytes=stats.get("kv_transfer_bytes", 0),
+    kv_transfer_seconds=stats.get("kv_transfer_seconds", 0.0),
   )
 
 
@@ -232,19 +243,21 @@ def _response(delta: RequestDelta) -> pb.GenerateResponse:
         cached_prompt_tokens=delta.num_cached_tokens,
       )
     )
-    t = delta.timing
-    queued, first, total = t.queued_s or 0.0, t.first_token_s or 0.0, t.finished_s or 0.0
-    out.timing.CopyFrom(
-      pb.Timing(
-        queue_s=queued,
-        prefill_s=max(first - queued, 0.0),
-        transfer_s=0.0,
-        time_to_first_token_s=first,
-        decode_s=max(total - first, 0.0),
-        total_s=total,
-      )
-    )
+    out.timing.CopyFrom(timing_proto(delta.timing))
   return out
+
+
+def timing_proto(t: RequestTiming) -> pb.Timing:
+  queued, first, total = t.queued_s or 0.0, t.first_token_s or 0.0, t.finished_s or 0.0
+  transfer = t.transfer_s or 0.0
+  return pb.Timing(
+    queue_s=queued,
+    prefill_s=max(first - queued, 0.0),
+    transfer_s=transfer,
+    time_to_first_token_s=first,
+    decode_s=max(total - first - transfer, 0.0),
+    total_s=total,
+  )
 
 
 def _messages(messages) -> list[dict[str, str]]:

@@ -185,15 +185,19 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., page_size: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[str] = ..., num_devices: _Optional[int] = ..., platform: _Optional[str] = ..., attention: _Optional[str] = ..., dtype: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
 
 class Stage(_message.Message):
-    __slots__ = ("role", "stats")
+    __slots__ = ("role", "stats", "address", "healthy")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
     role: str
     stats: StageStats
-    def __init__(self, role: _Optional[str] = ..., stats: _Optional[_Union[StageStats, _Mapping]] = ...) -> None: ...
+    address: str
+    healthy: bool
+    def __init__(self, role: _Optional[str] = ..., stats: _Optional[_Union[StageStats, _Mapping]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class StageStats(_message.Message):
-    __slots__ = ("running", "waiting", "free_kv_pages", "total_kv_pages", "cached_prompt_tokens", "preemptions", "steps", "compilations")
+    __slots__ = ("running", "waiting", "free_kv_pages", "total_kv_pages", "cached_prompt_tokens", "preemptions", "steps", "compilations", "pinned", "importing", "kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,11 @@ class StageStats(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPILATIONS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    IMPORTING_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_kv_pages: int
@@ -210,4 +219,9 @@ class StageStats(_message.Message):
     preemptions: int
     steps: int
     compilations: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_pages: _Optional[int] = ..., total_kv_pages: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., compilations: _Optional[int] = ...) -> None: ...
+    pinned: int
+    importing: int
+    kv_transfers: int
+    kv_transfer_bytes: int
+    kv_transfer_seconds: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_pages: _Optional[int] = ..., total_kv_pages: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., compilations: _Optional[int] = ..., pinned: _Optional[int] = ..., importing: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
