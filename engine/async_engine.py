@@ -89,6 +89,10 @@ class AsyncEngine:
     return self.core.error
 
   @property
+  def role(self) -> str:
+    return self.engine.role
+
+  @property
   def config(self) -> EngineConfig:
     return self.engine.config
 

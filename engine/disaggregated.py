@@ -62,6 +62,8 @@ class DisaggregatedEngine:
   def error(self) -> EngineDeadError | None:
     return self.prefill.error or self.decode.error
 
+  role = "disaggregated"
+
   @property
   def config(self) -> EngineConfig:
     return self.prefill.config

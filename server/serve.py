@@ -168,17 +168,12 @@ async def serve(opts: ServeOptions) -> int:
     attention=models[0].attention.kind,
     dtype=jnp.dtype(models[0].config.dtype).name,
   )
-  services = [
-    (
-      SERVICE,
-      inference_pb2_grpc.add_InferenceServicer_to_server,
-      InferenceServicer(engine, info, metrics),
-    )
-  ]
+  public = InferenceServicer(engine, info, metrics)
+  services = [(SERVICE, inference_pb2_grpc.add_InferenceServicer_to_server, public)]
   if opts.role in ("prefill", "decode"):
     from server.stages import stage_service
 
-    services.append(stage_service(engine, opts))
+    services.append(stage_service(engine, public, opts.host))
   server, port = _grpc_server(opts, services, checks, token)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()

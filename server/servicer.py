@@ -61,6 +61,33 @@ class EngineNotReady(RuntimeError):
   pass
 
 
+class WrongStage(RuntimeError):
+  pass
+
+
+def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
+  """The status code and message a failed call ends with."""
+  if isinstance(e, ValueError):  # InvalidArgument, or the engine's own checks
+    return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+  if isinstance(e, RequestIdInUseError):
+    return grpc.StatusCode.ALREADY_EXISTS, str(e)
+  if isinstance(e, QueueFullError):
+    return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+  if isinstance(e, TimeoutError):
+    return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
+  if isinstance(e, EngineDeadError | EngineNotReady | TransferError):
+    return grpc.StatusCode.UNAVAILABLE, str(e)
+  if isinstance(e, WrongStage):
+    return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+  raise e
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+  """The call's deadline on the running loop's clock."""
+  remaining = context.time_remaining()
+  return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
   """Over any engine front end with AsyncEngine's streaming API: an AsyncEngine (colocated)
   or a DisaggregatedEngine (prefill and decode stages in this process)."""
@@ -72,37 +99,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
     start, status, delta = time.perf_counter(), grpc.StatusCode.UNKNOWN, None
     try:
-      if not self.engine.ready.is_set():
-        raise EngineNotReady("the server is warming up; health turns SERVING when it is done")
-      field, ids = await self._prompt(request.text, request.token_ids, request.messages)
-      params = self._sampling(request.sampling, field, len(ids))
-      deadline = None
-      if (remaining := context.time_remaining()) is not None:
-        deadline = asyncio.get_running_loop().time() + remaining
-      stream = self.engine.generate(ids, params, request.request_id or None, deadline=deadline)
+      if self.engine.role in ("prefill", "decode"):
+        raise WrongStage(
+          f"this is a {self.engine.role} worker: send Generate to the router in front of it"
+        )
+      ids, params = await self.parse(request)
+      stream = self.engine.generate(
+        ids, params, request.request_id or None, deadline=deadline_of(context)
+      )
       async with contextlib.aclosing(stream):
         async for delta in stream:
           if delta.finish_reason == "abort":
             raise EngineDeadError("the request was aborted: the server is shutting down")
-          yield _response(delta)
+          yield response_proto(delta)
       status = grpc.StatusCode.OK
-    except ValueError as e:  # InvalidArgument, or the engine's own checks
-      status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    except RequestIdInUseError as e:
-      status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
-    except QueueFullError as e:
-      status, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    except TimeoutError:
-      status, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
-    except (EngineDeadError, EngineNotReady, TransferError) as e:
-      status, message = grpc.StatusCode.UNAVAILABLE, str(e)
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
       status = grpc.StatusCode.CANCELLED
       raise
+    except Exception as e:
+      status, message = status_of(e)
     finally:
-      self._record(request.request_id, delta, status, time.perf_counter() - start)
+      record(self.metrics, request.request_id, delta, status, time.perf_counter() - start)
     if status != grpc.StatusCode.OK:
       await context.abort(status, message)
+
+  async def parse(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    """The prompt's token ids and the sampling parameters; InvalidArgument names the field."""
+    if not self.engine.ready.is_set():
+      raise EngineNotReady("the server is warming up; health turns SERVING when it is done")
+    field, ids = await self._prompt(request.text, request.token_ids, request.messages)
+    return ids, self._sampling(request.sampling, field, len(ids))
 
   async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
     try:
@@ -172,41 +198,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         f"sampling.max_tokens: {field} ({prompt_len} tokens) plus {s.max_tokens} tokens exceed "
         f"max_model_len {self.config.max_model_len}"
       )
-    try:
-      return SamplingParams(
-        max_tokens=s.max_tokens
-        if s.HasField("max_tokens")
-        else max(min(DEFAULT_MAX_TOKENS, room), 1),
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
-        min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-        stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
-      )
-    except ValueError as e:  # SamplingParams' messages start with the field name
-      raise InvalidArgument(f"sampling.{e}") from None
+    return sampling_of(s, max(min(DEFAULT_MAX_TOKENS, room), 1))
 
-  def _record(self, request_id: str, last: RequestDelta | None, status, seconds: float) -> None:
-    """The request's log line and metrics, once it is over however it ended."""
-    self.metrics.request_done(status.name, last)
-    request_id = request_id or (last.request_id if last else "-")
-    if last is None:
-      log.info("request %r: %s after %.3fs", request_id, status.name, seconds)
-      return
-    t = last.timing
-    log.info(
-      "request %r: %s finish=%s prompt=%d cached=%d output=%d queue=%s ttft=%s total=%.3fs",
-      request_id, status.name, last.finish_reason, last.num_prompt_tokens,
-      last.num_cached_tokens, last.num_output_tokens, _seconds(t.queued_s),
-      _seconds(t.first_token_s), seconds,
-    )  # fmt: skip
+
+def record(
+  metrics: Metrics, request_id: str, last: RequestDelta | None, status, seconds: float
+) -> None:
+  """A Generate call's log line and metrics, once it is over however it ended."""
+  metrics.request_done(status.name, last)
+  request_id = request_id or (last.request_id if last else "-")
+  if last is None:
+    log.info("request %r: %s after %.3fs", request_id, status.name, seconds)
+    return
+  t = last.timing
+  transfer = "" if t.transfer_s is None else f" transfer={t.transfer_s:.3f}s"
+  log.info(
+    "request %r: %s finish=%s prompt=%d cached=%d output=%d queue=%s ttft=%s%s total=%.3fs",
+    request_id, status.name, last.finish_reason, last.num_prompt_tokens,
+    last.num_cached_tokens, last.num_output_tokens, _seconds(t.queued_s),
+    _seconds(t.first_token_s), transfer, seconds,
+  )  # fmt: skip
 
 
 def stage_stats(stats: dict[str, int]) -> pb.StageStats:
@@ -227,7 +238,7 @@ def stage_stats(stats: dict[str, int]) -> pb.StageStats:
   )
 
 
-def _response(delta: RequestDelta) -> pb.GenerateResponse:
+def response_proto(delta: RequestDelta) -> pb.GenerateResponse:
   out = pb.GenerateResponse(
     request_id=delta.request_id, token_ids=delta.new_token_ids, text=delta.new_text
   )
@@ -245,6 +256,40 @@ def _response(delta: RequestDelta) -> pb.GenerateResponse:
     )
     out.timing.CopyFrom(timing_proto(delta.timing))
   return out
+
+
+def sampling_of(
+  s: pb.SamplingParams, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> SamplingParams:
+  """The engine's parameters from the request's; unset fields get their defaults."""
+  try:
+    return SamplingParams(
+      max_tokens=s.max_tokens if s.HasField("max_tokens") else default_max_tokens,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p if s.HasField("top_p") else 1.0,
+      min_p=s.min_p,
+      repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+      presence_penalty=s.presence_penalty,
+      frequency_penalty=s.frequency_penalty,
+      seed=s.seed if s.HasField("seed") else None,
+      stop=tuple(s.stop),
+      stop_token_ids=tuple(s.stop_token_ids),
+      ignore_eos=s.ignore_eos,
+      logprobs=s.logprobs if s.HasField("logprobs") else None,
+    )
+  except ValueError as e:  # SamplingParams' messages start with the field name
+    raise InvalidArgument(f"sampling.{e}") from None
+
+
+def sampling_proto(p: SamplingParams) -> pb.SamplingParams:
+  """The inverse of sampling_of, for resolved parameters (a Handoff's)."""
+  return pb.SamplingParams(
+    max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+    min_p=p.min_p, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+    frequency_penalty=p.frequency_penalty, seed=p.seed, stop=p.stop,
+    stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+  )  # fmt: skip
 
 
 def timing_proto(t: RequestTiming) -> pb.Timing:

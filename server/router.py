@@ -1,0 +1,328 @@
+"""`meshserve serve --role router`: the public endpoint in front of prefill and decode workers.
+
+It serves `meshserve.v1.Inference` exactly as a single server does (plus health and
+reflection), holds no model and knows nothing of pages. For each Generate it picks the least
+loaded healthy prefill worker and decode worker, then over the internal StageWorker service:
+
+  1. Prefill (a bidirectional stream) on the prefill worker: the first token, streamed to the
+     client at once, then a Handoff naming the KV offer;
+  2. Decode on the decode worker: it reserves pages, pulls the KV straight onto its devices
+     (jax.experimental.transfer) and reports `landed`;
+  3. `release` to the prefill worker, which frees its pinned pages; the decode worker streams
+     the rest of the tokens.
+
+Leaving at any point (client cancel, deadline, disconnect, a failed worker) cancels both
+worker calls, and each worker frees the request's pages when its call ends. Validation errors
+come from the prefill worker and pass through unchanged, so the router's answers are the same
+as a single server's.
+
+Every worker's health is checked each second. One that stops answering is marked down within
+seconds: its in-flight requests end with UNAVAILABLE and no new request goes to it. Once it
+answers SERVING again, routing resumes. The router itself is SERVING while it has at least one
+healthy worker of each role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from engine import RequestDelta, RequestTiming
+from server.metrics import Metrics
+from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
+from server.proto.meshserve.v1 import stages_pb2 as spb
+from server.servicer import record, timing_proto
+
+log = logging.getLogger("meshserve.router")
+
+CHECK_INTERVAL = 1.0  # seconds between health checks of each worker (and their timeout)
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class NoWorker(RuntimeError):
+  pass
+
+
+class Worker:
+  """One stage worker as the router sees it: channel, health and the calls in flight on it."""
+
+  def __init__(self, address: str, role: str, token: str | None, max_message_bytes: int):
+    self.address, self.role = address, role
+    self.channel = grpc.aio.insecure_channel(
+      address,
+      options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+      ],
+    )
+    self.stage = stages_pb2_grpc.StageWorkerStub(self.channel)
+    self.public = inference_pb2_grpc.InferenceStub(self.channel)
+    self._health = health_pb2_grpc.HealthStub(self.channel)
+    self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    self.healthy = False
+    self.info: spb.StageInfo | None = None  # from the last successful check
+    self.calls: set[grpc.aio.Call] = set()  # in flight: the load, and what a failure cancels
+
+  async def check(self, timeout: float) -> None:
+    """Asks health and Describe; a worker that fails either is down, its calls cancelled."""
+    try:
+      answer = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+      healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
+      if healthy:
+        self.info = await self.stage.Describe(
+          spb.DescribeRequest(), timeout=timeout, metadata=self.metadata
+        )
+        healthy = self.info.role == self.role
+        if not healthy:
+          log.error("worker %s is a %s worker, not %s", self.address, self.info.role, self.role)
+    except grpc.RpcError:
+      healthy = False
+    if self.healthy and not healthy:
+      log.warning(
+        "%s worker %s is down: failing its %d requests", self.role, self.address, len(self.calls)
+      )
+      for call in list(self.calls):
+        call.cancel()
+    elif healthy and not self.healthy:
+      log.info("%s worker %s is serving (%s)", self.role, self.address, self.info.layout)
+    self.healthy = healthy
+
+
+class Router:
+  def __init__(
+    self,
+    prefill: tuple[str, ...],
+    decode: tuple[str, ...],
+    token: str | None,
+    max_message_bytes: int,
+  ):
+    self.workers = [Worker(a, "prefill", token, max_message_bytes) for a in prefill]
+    self.workers += [Worker(a, "decode", token, max_message_bytes) for a in decode]
+
+  @property
+  def serving(self) -> bool:
+    return all(any(w.healthy for w in self.workers if w.role == r) for r in ("prefill", "decode"))
+
+  def pick(self, role: str) -> Worker:
+    """The healthy worker of `role` with the fewest calls in flight."""
+    healthy = [w for w in self.workers if w.role == role and w.healthy]
+    if not healthy:
+      raise NoWorker(f"no healthy {role} worker")
+    return min(healthy, key=lambda w: len(w.calls))
+
+  async def watch(self, on_change: Callable[[bool], object]) -> None:
+    """Checks every worker each CHECK_INTERVAL; awaits on_change(serving) when it flips."""
+    serving = None
+    while True:
+      started = time.monotonic()
+      await asyncio.gather(*(w.check(CHECK_INTERVAL) for w in self.workers))
+      if self.serving != serving:
+        serving = self.serving
+        await on_change(serving)
+      await asyncio.sleep(max(CHECK_INTERVAL - (time.monotonic() - started), 0.0))
+
+  def stages(self) -> list[tuple[str, dict]]:
+    """Each worker's stats from its last check, for the metrics."""
+    return [
+      (f"{w.role} {w.address}", _stats_dict(w.info.stats))
+      for w in self.workers
+      if w.info is not None
+    ]
+
+  async def close(self) -> None:
+    for w in self.workers:
+      await w.channel.close()
+
+
+class RouterServicer(inference_pb2_grpc.InferenceServicer):
+  def __init__(self, router: Router, metrics: Metrics):
+    self.router, self.metrics = router, metrics
+    self._ids = itertools.count()
+
+  async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    start, status, message, last = time.perf_counter(), grpc.StatusCode.UNKNOWN, "", None
+    calls: list[tuple[Worker, grpc.aio.Call]] = []
+
+    def track(worker: Worker, call: grpc.aio.Call) -> grpc.aio.Call:
+      worker.calls.add(call)
+      calls.append((worker, call))
+      return call
+
+    try:
+      prefill, decode = self.router.pick("prefill"), self.router.pick("decode")
+      if not request.request_id:
+        request.request_id = f"req#{next(self._ids)}"
+      timeout = context.time_remaining()
+      first = track(prefill, prefill.stage.Prefill(timeout=timeout, metadata=prefill.metadata))
+      await first.write(
+        spb.PrefillMessage(
+          request=spb.PrefillRequest(request=request, kv_shards=decode.info.kv_shards)
+        )
+      )
+      handoff = None
+      while (event := await first.read()) != grpc.aio.EOF:
+        if event.HasField("handoff"):
+          handoff = event.handoff
+          break
+        first_token_at, last = time.perf_counter(), event.first
+        yield event.first
+      if handoff is not None:
+        rest = track(
+          decode,
+          decode.stage.Decode(
+            spb.DecodeRequest(request_id=request.request_id, handoff=handoff),
+            timeout=context.time_remaining(),
+            metadata=decode.metadata,
+          ),
+        )
+        transfer = 0.0
+        async for event in rest:
+          if event.HasField("landed"):
+            transfer = event.landed.transfer_s
+            await first.write(spb.PrefillMessage(release=spb.Release()))
+            await first.done_writing()
+            continue
+          response = event.response
+          if response.finish_reason:
+            timing = RequestTiming(
+              queued_s=handoff.queue_s,
+              first_token_s=first_token_at - start,
+              finished_s=time.perf_counter() - start,
+              transfer_s=transfer,
+            )
+            response.timing.CopyFrom(timing_proto(timing))
+          last = response
+          yield response
+      status = grpc.StatusCode.OK
+    except NoWorker as e:
+      status, message = grpc.StatusCode.UNAVAILABLE, str(e)
+    except grpc.aio.AioRpcError as e:  # a worker's answer, passed through
+      status, message = e.code(), e.details()
+      if status == grpc.StatusCode.CANCELLED:  # cancelled by the health check, not the client
+        status, message = grpc.StatusCode.UNAVAILABLE, _down(calls)
+    except asyncio.CancelledError:
+      if asyncio.current_task().cancelling():  # the client left
+        status = grpc.StatusCode.CANCELLED
+        raise
+      status, message = grpc.StatusCode.UNAVAILABLE, _down(calls)  # a worker went down
+    except GeneratorExit:
+      status = grpc.StatusCode.CANCELLED
+      raise
+    finally:
+      for worker, call in calls:
+        call.cancel()  # a no-op on a finished call; otherwise the worker frees the pages
+        worker.calls.discard(call)
+      record(
+        self.metrics, request.request_id, _as_delta(request.request_id, last), status,
+        time.perf_counter() - start,
+      )  # fmt: skip
+    if status != grpc.StatusCode.OK:
+      await context.abort(status, message)
+
+  async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+    return await self._forward("Tokenize", request, context)
+
+  async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
+    info = await self._forward("GetModelInfo", request, context)
+    workers = [w for w in self.router.workers if w.info is not None]
+    del info.stages[:]
+    for w in workers:
+      info.stages.append(
+        pb.Stage(role=w.role, stats=w.info.stats, address=w.address, healthy=w.healthy)
+      )
+    first = {w.role: w for w in reversed(workers)}
+    info.layout = ", ".join(
+      f"{r} {first[r].info.layout}" for r in ("prefill", "decode") if r in first
+    )
+    info.num_devices = sum(w.info.num_devices for w in workers)
+    return info
+
+  async def _forward(self, method: str, request, context: grpc.aio.ServicerContext):
+    """A unary call answered by a healthy prefill worker, its errors passed through."""
+    try:
+      worker = self.router.pick("prefill")
+      return await getattr(worker.public, method)(
+        request, timeout=context.time_remaining(), metadata=worker.metadata
+      )
+    except NoWorker as e:
+      await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except grpc.aio.AioRpcError as e:
+      await context.abort(e.code(), e.details())
+
+
+def _down(calls: list[tuple[Worker, grpc.aio.Call]]) -> str:
+  down = [w.address for w, _ in calls if not w.healthy] or [w.address for w, _ in calls]
+  return f"worker {', '.join(down)} stopped answering"
+
+
+def _as_delta(request_id: str, last: pb.GenerateResponse | None) -> RequestDelta | None:
+  """The last response as the metrics read it."""
+  if last is None:
+    return None
+  t = last.timing
+  return RequestDelta(
+    request_id=request_id,
+    new_token_ids=[],
+    new_text="",
+    new_logprobs=None,
+    finish_reason=FINISH_REASONS.get(last.finish_reason),
+    num_prompt_tokens=last.usage.prompt_tokens,
+    num_output_tokens=last.usage.completion_tokens,
+    num_cached_tokens=last.usage.cached_prompt_tokens,
+    timing=RequestTiming(
+      t.queue_s, t.time_to_first_token_s, t.total_s, t.transfer_s or None
+    ) if last.finish_reason else RequestTiming(),
+  )  # fmt: skip
+
+
+def _stats_dict(s: pb.StageStats) -> dict:
+  return dict(
+    running=s.running, waiting=s.waiting, free_pages=s.free_kv_pages,
+    total_pages=s.total_kv_pages, steps=s.steps, compilations=s.compilations,
+    preemptions=s.preemptions, pinned=s.pinned, importing=s.importing,
+    kv_transfers=s.kv_transfers, kv_transfer_bytes=s.kv_transfer_bytes,
+  )  # fmt: skip
+
+
+async def serve_router(opts, stop: asyncio.Event, token: str | None) -> int:
+  """Runs the router until `stop`; returns the exit status."""
+  from server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
+
+  router = Router(opts.prefill_workers, opts.decode_workers, token, MAX_MESSAGE_BYTES)
+  checks = health.aio.HealthServicer()
+  metrics = Metrics(router.stages)
+  servicer = RouterServicer(router, metrics)
+  add = inference_pb2_grpc.add_InferenceServicer_to_server
+  server, port = _grpc_server(opts, [(SERVICE, add, servicer)], checks, token)
+  await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
+  await server.start()
+  log.info(
+    "router on %s:%d over prefill %s and decode %s; NOT_SERVING until both answer",
+    opts.host, port, ",".join(opts.prefill_workers), ",".join(opts.decode_workers),
+  )  # fmt: skip
+  if opts.metrics_port is not None:
+    metrics.serve(opts.metrics_port, opts.host)
+
+  async def on_change(serving: bool) -> None:
+    state = health_pb2.HealthCheckResponse
+    await _set_health(checks, state.SERVING if serving else state.NOT_SERVING)
+    log.info("%s %s on port %d", "SERVING" if serving else "NOT_SERVING", SERVICE, port)
+
+  watcher = asyncio.create_task(router.watch(on_change))
+  await stop.wait()
+  log.info("draining: in-flight streams get up to %.0fs", opts.drain_timeout)
+  await checks.enter_graceful_shutdown()
+  await server.stop(opts.drain_timeout)
+  watcher.cancel()
+  with contextlib.suppress(asyncio.CancelledError):
+    await watcher
+  await router.close()
+  return 0
