@@ -174,6 +174,10 @@ class AsyncEngine:
         if isinstance(item, StageFailed):
           raise item.error
         finished = item.final
+        if isinstance(item, Handoff):
+          # The pinned pages become the consumer's to release, before it can be interrupted.
+          with self._lock:
+            self._streams.pop(internal, None)
         if isinstance(item, RequestDelta):
           item = dataclasses.replace(item, request_id=stream.client_id)
         yield item
@@ -217,7 +221,10 @@ class AsyncEngine:
     by_loop = collections.defaultdict(list)
     with self._lock:
       for event in deltas:
-        get = self._streams.pop if event.final else self._streams.get
+        # A Handoff's stream stays open until its consumer has it: should the consumer leave
+        # first, the abort on its way out frees the pinned pages.
+        last = event.final and not isinstance(event, Handoff)
+        get = self._streams.pop if last else self._streams.get
         stream = get(event.request_id, None)
         if stream is not None:
           by_loop[stream.loop].append((stream, event))

@@ -92,7 +92,9 @@ class EngineCore:
     self._stopping = threading.Event()  # cuts a warm-up short
     self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
     self._moving: dict[str, _Import] = {}  # reserved, KV on its way
-    self.transfers = dict(kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0)
+    self.transfers = dict(
+      kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
+    )
     self._stats = self._read_stats()  # replaced, never mutated: readers need no lock
     self._thread = threading.Thread(
       target=self._run, args=(warmup,), name="meshserve-engine-core", daemon=True
@@ -237,7 +239,8 @@ class EngineCore:
     events.append(StageFailed(request_id, TransferError(message)))
 
   def _abort(self, request_id: str, events: list) -> None:
-    self._moving.pop(request_id, None)  # a copy in flight lands nowhere: dropped
+    if self._moving.pop(request_id, None) is not None:  # a copy in flight lands nowhere
+      self.transfers["kv_transfers_cancelled"] += 1
     for m in self._imports:
       if m.request_id == request_id:
         self._imports.remove(m)

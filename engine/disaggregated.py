@@ -14,6 +14,7 @@ Leaving the stream at any point (cancel, deadline, disconnect) frees the pages o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import threading
@@ -28,6 +29,8 @@ from engine.handoff import Handoff, Landed
 from engine.output import RequestDelta, RequestTiming
 from engine.sampling import SamplingParams
 from models import ModelConfig
+
+_END = object()
 
 
 class DisaggregatedEngine:
@@ -95,25 +98,42 @@ class DisaggregatedEngine:
       if request_id in self._client_ids:
         raise RequestIdInUseError(f"request_id: {request_id!r} is already in flight")
       self._client_ids.add(request_id)
+    # The stages run in a task of their own, so the KV moves on as soon as the first token is
+    # out, however slowly the caller reads.
+    queue: asyncio.Queue = asyncio.Queue()
+    task = asyncio.create_task(self._pump(prompt, params, request_id, deadline, queue))
     try:
-      async for delta in self._generate(prompt, params, request_id, deadline):
-        yield delta
+      while (item := await queue.get()) is not _END:
+        if isinstance(item, BaseException):
+          raise item
+        yield item
     finally:
       self._client_ids.discard(request_id)
+      task.cancel()  # a no-op once it is done; else its stages abort and free their pages
+      with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+  async def _pump(self, prompt, params, request_id, deadline, queue: asyncio.Queue) -> None:
+    try:
+      async for delta in self._generate(prompt, params, request_id, deadline):
+        queue.put_nowait(delta)
+      queue.put_nowait(_END)
+    except Exception as e:  # noqa: BLE001 - the caller raises it
+      queue.put_nowait(e)
 
   async def _generate(self, prompt, params, request_id, deadline):
     arrival, first, handoff = time.perf_counter(), None, None
-    prefill = self.prefill.generate(prompt, params, request_id, deadline=deadline)
-    async with contextlib.aclosing(prefill):
-      async for event in prefill:
-        if isinstance(event, Handoff):
-          handoff = event
-        else:
-          first = event
-          yield event
-    if handoff is None:  # the first token finished it
-      return
     try:
+      prefill = self.prefill.generate(prompt, params, request_id, deadline=deadline)
+      async with contextlib.aclosing(prefill):
+        async for event in prefill:
+          if isinstance(event, Handoff):
+            handoff = event  # from here on, its pages are ours to release
+          else:
+            first = event
+            yield event
+      if handoff is None:  # the first token finished it
+        return
       transfer = None
       decode = self.decode.resume(handoff.state, handoff.fetch, request_id, deadline=deadline)
       async with contextlib.aclosing(decode):
@@ -132,7 +152,8 @@ class DisaggregatedEngine:
             event = dataclasses.replace(event, timing=timing)
           yield event
     finally:
-      self.prefill.release(handoff)  # whatever happened, the prefill pages go back
+      if handoff is not None:  # whatever happened, the prefill pages go back
+        self.prefill.release(handoff)
 
   def stats(self) -> dict[str, int]:
     """The two stages' counters added up (per stage: `stages`)."""

@@ -49,6 +49,18 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def stage_models():
+  """The default model twice, as a disaggregated server runs it on 8 devices: prefill tp=2 on
+  devices 0-1, decode tp=4 on devices 2-5."""
+  from models import load_model
+  from sharding import Layout, split_devices
+
+  layouts = Layout.parse("tp=2"), Layout.parse("tp=4")
+  devices = split_devices(*layouts)
+  return tuple(load_model(layout=lay, devices=d) for lay, d in zip(layouts, devices, strict=True))
+
+
+@pytest.fixture(scope="session")
 def compilation_cache(tmp_path_factory):
   """A JAX compilation cache for this test run's servers: the first compiles, later ones
   load."""

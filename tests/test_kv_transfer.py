@@ -13,7 +13,7 @@ from engine.handoff import Handoff
 from engine.request import RequestState
 from engine.runner import Runner
 from engine.transfer import TransferServer, kv_head_shards
-from models import KVCache, load_model
+from models import KVCache
 from sharding import Layout, put, split_devices
 
 CONFIG = EngineConfig(page_size=8, num_pages=64, max_model_len=128, max_batch=4)
@@ -82,13 +82,11 @@ def test_kv_head_shards(four_heads):
   assert kv_head_shards(r3.kv_sharding(2), r3.kv_shape(2)) == 1  # 3 heads: kept whole
 
 
-def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit():
+def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit(stage_models):
   """The real model: a prefill engine (tp=2) hands a request off; a decode engine (tp=4, other
   devices, a pool already in use) reserves pages, takes the KV and reads back the same bits."""
-  prefill_layout, decode_layout = Layout.parse("tp=2"), Layout.parse("tp=4")
-  p_devices, d_devices = split_devices(prefill_layout, decode_layout)
-  prefill = Engine(load_model(layout=prefill_layout, devices=p_devices), CONFIG, role="prefill")
-  decode = Engine(load_model(layout=decode_layout, devices=d_devices), CONFIG, role="decode")
+  prefill = Engine(stage_models[0], CONFIG, role="prefill")
+  decode = Engine(stage_models[1], CONFIG, role="decode")
   assert decode.reserve("other", 20) is not None  # so the page numbers differ
   prompt = prefill.tokenizer.encode("The KV cache of this prompt crosses two layouts intact.")
   prefill.add_request(prompt, SamplingParams(max_tokens=4), "r")

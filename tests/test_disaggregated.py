@@ -1,0 +1,189 @@
+"""Prefill and decode as separate stages in one process (DisaggregatedEngine): the same tokens
+as the colocated engine, and no page lost on either side whatever callers do."""
+
+import asyncio
+import random
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from engine import Engine, EngineConfig, RequestIdInUseError, SamplingParams
+from engine.disaggregated import DisaggregatedEngine
+from engine.handoff import Handoff
+from tests.conftest import assert_greedy_equal
+
+CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
+
+
+@pytest.fixture
+def make(stage_models):
+  engines = []
+
+  def make(prefill=CONFIG, decode=CONFIG, **kw) -> DisaggregatedEngine:
+    p, d = stage_models
+    engine = DisaggregatedEngine(
+      Engine(p, prefill, role="prefill"), Engine(d, decode, role="decode"), **kw
+    )
+    engines.append(engine)
+    return engine
+
+  yield make
+  for engine in engines:
+    engine.shutdown(30)
+
+
+async def collect(stream) -> tuple[list[int], object]:
+  ids, last = [], None
+  async for delta in stream:
+    ids += delta.new_token_ids
+    last = delta
+  return ids, last
+
+
+async def every_page_back(engine: DisaggregatedEngine) -> list:
+  for _ in range(300):  # bounded: 15 s
+    stages = engine.stages()
+    if all(
+      s["free_pages"] == s["total_pages"]
+      and s["open"] == s["pinned"] == s["reserved"] == 0
+      and s["importing"] == 0
+      for _, s in stages
+    ):
+      return stages
+    await asyncio.sleep(0.05)
+  pytest.fail(f"pages not returned: {engine.stages()}")
+
+
+def test_greedy_and_seeded_tokens_equal_the_colocated_engine(make, llm, model, golden):
+  engine = make()
+  cases = [golden.case(i) for i in range(4)]
+  seeded = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+  prompts = [list(map(int, c["ids"])) for c in cases]
+  greedy = [SamplingParams(max_tokens=len(c["greedy"]), ignore_eos=True) for c in cases]
+
+  async def main():
+    runs = [engine.generate(p, g) for p, g in zip(prompts, greedy, strict=True)]
+    runs += [engine.generate(p, seeded) for p in prompts]
+    return await asyncio.gather(*map(collect, runs))
+
+  results = asyncio.run(main())
+  want_seeded = llm.generate(prompts, seeded)
+  for i, c in enumerate(cases):
+    ids, last = results[i]
+    assert_greedy_equal(model, prompts[i], list(map(int, c["greedy"])), ids)
+    assert last.timing.transfer_s is not None and last.timing.transfer_s >= 0
+    assert last.num_output_tokens == len(ids)
+    assert results[len(cases) + i][0] == want_seeded[i].token_ids
+  stages = dict(asyncio.run(every_page_back(engine)))
+  assert stages["decode"]["kv_transfers"] == 2 * len(cases)
+  assert stages["decode"]["kv_transfer_bytes"] > 0
+
+
+def test_text_and_stop_strings_carry_across_the_hand_off(make, llm):
+  engine = make()
+  params = SamplingParams(max_tokens=40, stop=("Paris",))  # the stop string may begin at token 1
+  prompt = "Question: What is the capital of France? Answer: The capital of France is"
+
+  async def main():
+    text = ""
+    async for delta in engine.generate(prompt, params):
+      text += delta.new_text
+      last = delta
+    return text, last.finish_reason
+
+  want = llm.generate(prompt, params)[0]
+  assert asyncio.run(main()) == (want.text, want.finish_reason)
+
+
+def test_a_request_the_first_token_finishes_never_reaches_decode(make):
+  engine = make()
+  ids, last = asyncio.run(collect(engine.generate("Hello", SamplingParams(max_tokens=1))))
+  assert len(ids) == 1 and last.finish_reason == "length" and last.timing.transfer_s is None
+  stages = dict(asyncio.run(every_page_back(engine)))
+  assert stages["decode"]["kv_transfers"] == 0
+
+
+def test_imports_wait_for_decode_pages_then_run(make, llm):
+  """A decode pool that holds one request at a time: the others' KV waits on the prefill
+  side (pinned) until pages free up, and every request still completes correctly."""
+  decode = EngineConfig(num_pages=9, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
+  engine = make(decode=decode)
+  params = SamplingParams(max_tokens=40, ignore_eos=True)
+  prompts = [f"Story number {i}: once upon a time" for i in range(4)]
+
+  async def main():
+    return await asyncio.gather(*(collect(engine.generate(p, params)) for p in prompts))
+
+  results = asyncio.run(main())
+  for (ids, _), want in zip(results, llm.generate(prompts, params), strict=True):
+    assert ids == want.token_ids
+  asyncio.run(every_page_back(engine))
+
+
+def test_a_client_id_stays_taken_across_both_stages(make):
+  engine = make()
+
+  async def main():
+    stream = engine.generate("Count to ten:", SamplingParams(max_tokens=30), "same")
+    await anext(stream)  # the first token: the request is moving to the decode stage
+    with pytest.raises(RequestIdInUseError, match="request_id"):
+      await anext(engine.generate("Other", SamplingParams(max_tokens=4), "same"))
+    await collect(stream)
+    await collect(engine.generate("Other", SamplingParams(max_tokens=4), "same"))
+
+  asyncio.run(main())
+  asyncio.run(every_page_back(engine))
+
+
+@jax.jit
+def _slow(kv):
+  """kv, unchanged, after ~0.1 s of device work: a transfer still in flight."""
+  m = jax.lax.fori_loop(0, 100, lambda _, m: jnp.tanh(m @ m), jnp.eye(256) * 0.5)
+  return kv + 0.0 * m[0, 0]
+
+
+def test_random_cancels_and_deadlines_free_every_page_in_both_stages(make, monkeypatch):
+  """50 requests, each left at a random point: before its first token, while its KV moves
+  (transfers are slowed so that many are cut mid-flight), or while decoding, by cancelling
+  the task or by a deadline. Both stages end with every page free and nothing pinned."""
+  fetch = Handoff.fetch
+  monkeypatch.setattr(Handoff, "fetch", lambda self, s, shape: _slow(fetch(self, s, shape)))
+  engine = make()
+  rng = random.Random(0)
+  outcomes = []
+
+  async def one(i: int):
+    params = SamplingParams(max_tokens=rng.randint(2, 40), ignore_eos=True)
+    prompt = " ".join(["word"] * rng.randint(1, 60))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + rng.uniform(0.05, 3.0) if i % 2 else None
+    leave_after = rng.choice([0, 1, 1, 2, 5, None])  # deltas to read before cancelling
+    linger = rng.uniform(0.0, 0.4)  # after the first token: often while the KV moves
+    stream = engine.generate(prompt, params, f"r{i}", deadline=deadline)
+    seen = 0
+    try:
+      async for _ in stream:
+        seen += 1
+        if leave_after is not None and seen > leave_after:
+          if seen == 1:
+            await asyncio.sleep(linger)
+          break
+      outcomes.append("left" if leave_after is not None and seen > leave_after else "done")
+    except TimeoutError:
+      outcomes.append("deadline")
+    finally:
+      await stream.aclose()
+
+  async def main():
+    tasks = [asyncio.create_task(one(i)) for i in range(50)]
+    await asyncio.sleep(0.5)
+    for t in rng.sample(tasks, 10):  # cancelled from outside, wherever they are
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return await every_page_back(engine)
+
+  stages = dict(asyncio.run(main()))
+  assert {"left", "deadline"} <= set(outcomes), outcomes
+  assert stages["decode"]["kv_transfers"] > 0
+  assert stages["decode"]["kv_transfers_cancelled"] > 0  # some were cut mid-transfer
