@@ -43,9 +43,10 @@ class Server:
     log: pathlib.Path,
     cache: pathlib.Path,
     env: dict[str, str] | None = None,
+    port: int | None = None,
   ):
     """cache: the JAX compilation cache directory (the test run's own, never the user's)."""
-    self.port, self.metrics_port = free_port(), free_port()
+    self.port, self.metrics_port = port or free_port(), free_port()
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
     argv = [

@@ -1,0 +1,330 @@
+"""Disaggregated serving over gRPC, in both topologies a user can start:
+
+- "one process": `serve --mode disaggregated --cpu-devices 8 --prefill-layout tp=2
+  --decode-layout tp=4`, the KV crossing by jax.device_put;
+- "router": `serve --role router` in front of a `--role prefill` worker (one device) and a
+  `--role decode` worker (tp=2), the KV crossing between processes by
+  jax.experimental.transfer.
+
+Each topology gives the offline engine's tokens, reports its stages, and returns every page
+after 50 random cancels and deadlines. The router also survives a hung and a killed worker.
+"""
+
+import asyncio
+import random
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from conftest import assert_greedy_equal
+from serving import Server, read_all
+
+from engine import LLM, EngineConfig, SamplingParams
+from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import inference_pb2_grpc
+
+ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
+pytestmark = pytest.mark.slow
+ROUTER_ONLY = pytest.mark.parametrize("topology", ["router"], indirect=True)
+
+
+class Topology:
+  def __init__(self, endpoint: Server, workers: dict[str, Server]):
+    self.endpoint, self.workers = endpoint, workers
+
+  def stop(self):
+    for s in (self.endpoint, *self.workers.values()):
+      s.stop()
+
+
+def start_router_topology(logs, cache, prefill_port=None) -> Topology:
+  workers = {
+    "prefill": Server(
+      "--role", "prefill", log=logs / "prefill.log", cache=cache, port=prefill_port
+    ),
+    "decode": Server(
+      "--role",
+      "decode",
+      "--cpu-devices",
+      "2",
+      "--layout",
+      "tp=2",
+      log=logs / "decode.log",
+      cache=cache,
+    ),  # fmt: skip
+  }
+  router = Server(
+    "--role", "router", "--prefill", workers["prefill"].address,
+    "--decode", workers["decode"].address, log=logs / "router.log", cache=cache,
+  )  # fmt: skip
+  return Topology(router, workers)
+
+
+@pytest.fixture(scope="module", params=["one process", "router"])
+def topology(request, tmp_path_factory, compilation_cache):
+  logs = tmp_path_factory.mktemp("disaggregated")
+  if request.param == "one process":
+    t = Topology(
+      Server(
+        "--mode",
+        "disaggregated",
+        "--cpu-devices",
+        "8",
+        "--prefill-layout",
+        "tp=2",
+        "--decode-layout",
+        "tp=4",
+        log=logs / "server.log",
+        cache=compilation_cache,
+      ),  # fmt: skip
+      {},
+    )
+  else:
+    t = start_router_topology(logs, compilation_cache)
+  t.name, t.logs, t.cache = request.param, logs, compilation_cache
+  try:
+    for w in t.workers.values():
+      w.wait_serving()
+    t.endpoint.wait_serving(timeout=120)
+    yield t
+  finally:
+    t.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(topology):
+  with topology.endpoint.channel() as channel:
+    yield topology.endpoint.stub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+  return LLM(model, ENGINE)
+
+
+def collect(stub, request: pb.GenerateRequest, **kw):
+  ids, text, last = [], "", None
+  for r in stub.Generate(request, timeout=120, **kw):
+    ids += r.token_ids
+    text += r.text
+    last = r
+  return ids, text, last
+
+
+def model_info(stub) -> pb.ModelInfo:
+  return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+
+def wait_every_stage_idle(stub, timeout: float = 30.0) -> list[pb.Stage]:
+  """Polls (bounded) until every stage has all its pages free and nothing in flight."""
+  deadline = time.monotonic() + timeout
+  while True:
+    stages = model_info(stub).stages
+    if all(
+      s.stats.free_kv_pages == s.stats.total_kv_pages
+      and s.stats.running == s.stats.waiting == s.stats.pinned == s.stats.importing == 0
+      for s in stages
+    ):
+      return stages
+    if time.monotonic() > deadline:
+      pytest.fail(f"pages not returned after {timeout}s: {stages}")
+    time.sleep(0.2)
+
+
+def test_golden_prompts_equal_offline_outputs_greedy_and_seeded(stub, offline, golden, model):
+  seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+  for i in range(golden.n):
+    case = golden.case(i)
+    prompt = case["ids"].tolist()
+    n = len(case["greedy"])
+    want = offline.generate(prompt, SamplingParams(max_tokens=n))[0]
+    request = pb.GenerateRequest(token_ids=prompt, sampling=pb.SamplingParams(max_tokens=n))
+    ids, text, last = collect(stub, request)
+    assert_greedy_equal(model, prompt, want.token_ids, ids)
+    assert_greedy_equal(model, prompt, case["greedy"].tolist(), ids)
+    if ids == want.token_ids:
+      assert text == want.text
+    assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == len(ids)
+    t = last.timing
+    assert t.transfer_s > 0 and t.decode_s > 0
+    parts = t.time_to_first_token_s + t.transfer_s + t.decode_s
+    assert (
+      abs(t.total_s - parts) < 1e-3
+      and abs(t.queue_s + t.prefill_s - t.time_to_first_token_s) < 1e-3
+    )
+
+    want = offline.generate(prompt, seeded)[0]
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+    ids, text, _ = collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=sampling))
+    assert (ids, text) == (want.token_ids, want.text)
+
+
+def test_chat_and_stop_strings_cross_the_hand_off(stub, offline, golden):
+  i = golden.chat_cases()[0]
+  messages = golden.messages(i)
+  params = SamplingParams(max_tokens=24, stop=(" the",))
+  want = offline.chat([messages], params)[0]
+  chat = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+  sampling = pb.SamplingParams(max_tokens=24, stop=[" the"])
+  ids, text, last = collect(stub, pb.GenerateRequest(messages=chat, sampling=sampling))
+  assert (ids, text) == (want.token_ids, want.text)
+  assert list(stub.Tokenize(pb.TokenizeRequest(messages=chat), timeout=10).token_ids) == (
+    golden.case(i)["ids"].tolist()
+  )
+
+
+def test_bad_input_gets_invalid_argument_naming_the_field(stub):
+  for request, field in [
+    (pb.GenerateRequest(), "input"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_p=2.0)), "sampling.top_p"),
+    (pb.GenerateRequest(token_ids=[1, 10**6]), "token_ids"),
+  ]:
+    with pytest.raises(grpc.RpcError) as e:
+      collect(stub, request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field), e.value.details()
+
+
+def test_model_info_and_metrics_show_each_stage(topology, stub):
+  info = model_info(stub)
+  assert [s.role for s in info.stages] == ["prefill", "decode"]
+  prefill, decode = info.stages
+  assert decode.stats.kv_transfers > 0 and decode.stats.kv_transfer_bytes > 0
+  assert decode.stats.kv_transfer_seconds > 0
+  if topology.name == "router":
+    assert (prefill.address, decode.address) == (
+      topology.workers["prefill"].address,
+      topology.workers["decode"].address,
+    )
+    assert prefill.healthy and decode.healthy
+    assert info.layout == "prefill single device, decode tp=2" and info.num_devices == 3
+  else:
+    assert info.layout == "prefill tp=2, decode tp=4" and info.num_devices == 6
+  url = f"http://127.0.0.1:{topology.endpoint.metrics_port}/metrics"
+  text = urllib.request.urlopen(url, timeout=10).read().decode()
+  assert "meshserve_kv_transfers_total{stage=" in text
+  assert "meshserve_kv_transfer_seconds_count" in text
+
+
+def test_50_cancels_and_deadlines_at_random_points_return_every_page(stub, topology, offline):
+  rng = random.Random(1)
+
+  async def one(stub_aio, i: int) -> str:
+    request = pb.GenerateRequest(
+      text=f"Story number {i}: once upon a time" + " there" * rng.randrange(0, 60),
+      sampling=pb.SamplingParams(max_tokens=rng.randrange(2, 60)),
+    )
+    if i % 2:  # a deadline that passes somewhere between queueing and decoding
+      try:
+        async for _ in stub_aio.Generate(request, timeout=rng.uniform(0.02, 3.0)):
+          pass
+      except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+        return "deadline"
+      return "done"
+    call = stub_aio.Generate(request, timeout=120)
+    cut = rng.randrange(0, 4)  # 0: right after the first token, as the KV leaves
+    k = 0
+    async for _ in call:
+      if k >= cut:
+        call.cancel()
+        return "cancelled"
+      k += 1
+    return "done"
+
+  async def main():
+    async with grpc.aio.insecure_channel(topology.endpoint.address) as channel:
+      stub_aio = inference_pb2_grpc.InferenceStub(channel)
+      return await asyncio.gather(*(one(stub_aio, i) for i in range(50)))
+
+  outcomes = asyncio.run(main())
+  assert outcomes.count("cancelled") > 10 and outcomes.count("deadline") > 5, outcomes
+  wait_every_stage_idle(stub)
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+
+
+def health(server: Server) -> str:
+  with server.channel() as channel:
+    return server.health(channel)
+
+
+def wait_for(predicate, timeout: float, what: str):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if time.monotonic() > deadline:
+      pytest.fail(f"not {what} after {timeout}s")
+    time.sleep(0.1)
+
+
+@ROUTER_ONLY
+def test_a_hung_worker_is_found_in_seconds_and_routing_resumes(topology, stub, offline):
+  decode = topology.workers["decode"]
+
+  async def stream_then_hang():
+    async with grpc.aio.insecure_channel(topology.endpoint.address) as channel:
+      stub_aio = inference_pb2_grpc.InferenceStub(channel)
+      request = pb.GenerateRequest(
+        text="Count:", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
+      )
+      call = stub_aio.Generate(request, timeout=60)
+      await call.read()
+      await call.read()  # decoding on the decode worker now
+      decode.proc.send_signal(signal.SIGSTOP)
+      hung_at = time.monotonic()
+      with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in read_all(call):
+          pass
+      return e.value, time.monotonic() - hung_at
+
+  try:
+    error, seconds = asyncio.run(stream_then_hang())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and decode.address in error.details()
+    assert seconds < 6
+    wait_for(lambda: health(topology.endpoint) == "NOT_SERVING", 5, "NOT_SERVING")
+    with pytest.raises(grpc.RpcError) as e:
+      collect(stub, pb.GenerateRequest(text="Hi"))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no healthy decode worker" in e.value.details()
+  finally:
+    decode.proc.send_signal(signal.SIGCONT)
+  wait_for(lambda: health(topology.endpoint) == "SERVING", 10, "SERVING again")
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+  wait_every_stage_idle(stub)  # the hung worker freed the request's pages once it woke
+
+
+@ROUTER_ONLY
+def test_a_killed_worker_fails_its_requests_and_a_restarted_one_is_used(topology, stub, offline):
+  prefill = topology.workers["prefill"]
+  prefill.proc.kill()
+  prefill.proc.wait(30)
+  wait_for(lambda: health(topology.endpoint) == "NOT_SERVING", 5, "NOT_SERVING")
+  with pytest.raises(grpc.RpcError) as e:
+    collect(stub, pb.GenerateRequest(text="Hi"))
+  assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+  prefill.stop()
+  topology.workers["prefill"] = again = Server(
+    "--role", "prefill", log=topology.logs / "prefill-again.log", cache=topology.cache,
+    port=prefill.port,
+  )  # fmt: skip
+  again.wait_serving()
+  wait_for(lambda: health(topology.endpoint) == "SERVING", 10, "SERVING again")
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+
+
+@ROUTER_ONLY
+def test_a_worker_refuses_public_generate(topology):
+  worker = topology.workers["decode"]
+  with worker.channel() as channel, pytest.raises(grpc.RpcError) as e:
+    collect(worker.stub(channel), pb.GenerateRequest(text="Hi"))
+  assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+  assert "router" in e.value.details()
+
+
+def test_sigterm_stops_every_process_cleanly(topology):
+  for server in (topology.endpoint, *topology.workers.values()):
+    assert server.terminate() == 0, server.output()
