@@ -132,18 +132,19 @@ def load_model(
 
   attention: "xla", "native", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or
   None for the platform's default (pallas on TPU; native on CPU where its kernel builds and the
-  model is unsharded; xla elsewhere).
+  model is on one device (tp=1 included); xla elsewhere).
   layout: None puts every parameter on the default device; a Layout or a string such as
   "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
   devices: the devices the layout's mesh takes (default: all), e.g. a stage's share of them.
   """
   if isinstance(layout, str):
     layout = Layout.parse(layout)
+  sharded = layout is not None and layout.num_devices > 1  # a one-device mesh is not split
   if attention is None:
-    attention = AttentionBackend.default_for(jax.default_backend(), sharded=layout is not None)
+    attention = AttentionBackend.default_for(jax.default_backend(), sharded=sharded)
   elif isinstance(attention, str):
     attention = AttentionBackend(attention)
-  if attention.kind == "native" and (layout is not None or jax.default_backend() != "cpu"):
+  if attention.kind == "native" and (sharded or jax.default_backend() != "cpu"):
     raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
   if devices is not None and layout is None:
     raise ValueError("devices: give a layout too (tp=1 for one device)")

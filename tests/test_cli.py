@@ -54,3 +54,34 @@ def test_generate_bad_input_is_one_clear_line(args, message):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 2
   assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--mode", "disaggregated", "--role", "prefill"], "leave --role out"),
+    (["--mode", "disaggregated", "--layout", "tp=2"], "--prefill-layout"),
+    (["--prefill-layout", "tp=2"], "need --mode disaggregated"),
+    (["--role", "router", "--prefill", "127.0.0.1:1"], "--decode"),
+    (["--role", "router", "--prefill", "nohost", "--decode", "127.0.0.1:1"], "HOST:PORT"),
+    (["--prefill", "127.0.0.1:1"], "--role router"),
+    (
+      [
+        "--mode",
+        "disaggregated",
+        "--prefill-layout",
+        "tp=4",
+        "--decode-layout",
+        "tp=4",
+        "--cpu-devices",
+        "6",
+      ],
+      "need 8 devices, found 6",
+    ),
+  ],
+)
+def test_serve_topology_mistakes_are_one_clear_line(args, message):
+  proc = _meshserve("serve", "--port", "0", "--host", "127.0.0.1", *args)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2, err
+  assert message in err and "Traceback" not in err
