@@ -64,6 +64,7 @@ class _Import:
   arrival: float
   pages: list[int] | None = None  # once reserved
   kv: jax.Array | None = None  # once fetching
+  started: float = 0.0  # when the fetch started
 
 
 _STOP = object()
@@ -92,6 +93,7 @@ class EngineCore:
     self._stopping = threading.Event()  # cuts a warm-up short
     self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
     self._moving: dict[str, _Import] = {}  # reserved, KV on its way
+    self.transfer_timeout = 60.0  # seconds a started KV fetch may take before it fails
     self.transfers = dict(
       kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
     )
@@ -153,9 +155,9 @@ class EngineCore:
   def _warmup(self) -> None:
     runner, role = self.engine.runner, self.engine.role
     shapes = self.engine.config.step_shapes
-    if role != "colocated":  # each stage compiles the calls it makes (a decode stage's rare
-      shapes = [s for s in shapes if (s[1] == 1) == (role == "decode")]  # recompute compiles)
-    runner.warmup(shapes, cancel=self._stopping)
+    if role == "decode":  # it only decodes (a preempted request's recompute compiles then)
+      shapes = [s for s in shapes if s[1] == 1]
+    runner.warmup(shapes, cancel=self._stopping)  # a prefill stage decodes 1-token prompts
     if role != "colocated" and not self._stopping.is_set():
       runner.warmup_transfers(export=role == "prefill", imports=role == "decode")
 
@@ -203,13 +205,16 @@ class EngineCore:
   def _move_imports(self, events: list) -> None:
     """Reserves pages for waiting imports (in order, while the pool allows), starts their
     fetches, and admits those whose KV has landed. Never waits for a copy."""
-    runner = self.engine.runner
-    while self._imports:
+    runner, engine = self.engine.runner, self.engine
+    while (
+      self._imports and len(engine.scheduler.running) + len(self._moving) < engine.config.max_batch
+    ):
       m = self._imports[0]
       m.pages = self.engine.reserve(m.request_id, len(m.state.prompt_ids))
       if m.pages is None:
         break  # the pool is full: the decode batch frees pages as it finishes
       self._imports.popleft()
+      m.started = time.perf_counter()
       n = len(runner.page_list(m.pages))
       try:
         m.kv = m.fetch(runner.kv_sharding(n), runner.kv_shape(n))
@@ -217,7 +222,15 @@ class EngineCore:
         self._fail(m.request_id, e, events)
         continue
       self._moving[m.request_id] = m
-    for m in [m for m in self._moving.values() if m.kv.is_ready()]:
+    now = time.perf_counter()
+    for m in list(self._moving.values()):
+      if not m.kv.is_ready():
+        if now - m.started > self.transfer_timeout:  # the sender died or hangs
+          del self._moving[m.request_id]
+          self._fail(
+            m.request_id, TimeoutError(f"no KV after {self.transfer_timeout:.0f}s"), events
+          )
+        continue
       del self._moving[m.request_id]
       try:
         jax.block_until_ready(m.kv)  # ready: raises at once if the copy failed

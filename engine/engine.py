@@ -164,8 +164,12 @@ class Engine:
     request = state.resume(request_id, self.tokenizer)
     if arrival is not None:
       request.arrival = arrival
+    request.scheduled_at = time.perf_counter()
     self.requests[request_id] = request
-    self.scheduler.add(request)
+    # Straight into the batch (the core imports only while a batch slot is free): a waiting
+    # request must hold no pages, or a preemption could leave the queue's head waiting forever
+    # for pages that requests behind it hold.
+    self.scheduler.running.append(request)
 
   def step(self) -> list[RequestDelta]:
     """Runs one step; returns a delta for every request that produced a token or ended."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -300,9 +301,12 @@ class Runner:
     return jax.tree.map(lambda x: put(x, rows), inputs)
 
   def _lower(self, inputs) -> jax.stages.Lowered:
-    return model_step.lower(
-      self.model.graphdef, self.model.state, self.cache, *self._place(inputs), self.shardings
-    )
+    # Traced under the model's mesh: Pallas kernels, which XLA cannot partition, split
+    # themselves over it (models/attention.py).
+    with contextlib.nullcontext() if self.model.mesh is None else jax.set_mesh(self.model.mesh):
+      return model_step.lower(
+        self.model.graphdef, self.model.state, self.cache, *self._place(inputs), self.shardings
+      )
 
   def _dispatch(self, tokens, positions, page_table, logits_at, sampling, sample_index):
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)

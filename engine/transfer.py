@@ -81,7 +81,7 @@ class TransferServer:
     specs = [
       jax.ShapeDtypeStruct(offer.piece_shape, offer.dtype, sharding=device)
     ] * offer.num_pieces
-    self._connect(self.address).pull(offer.transfer_id, specs)
+    self.connect(self.address).pull(offer.transfer_id, specs)
 
   def fetch(self, address: str, offer: Offer):
     """The KVFetch of an offer at `address`: pulls its pieces into the caller's sharding."""
@@ -108,7 +108,7 @@ class TransferServer:
         )
         for i in range(offer.num_pieces)
       ]
-      pieces = self._connect(address).pull(offer.transfer_id, specs)
+      pieces = self.connect(address).pull(offer.transfer_id, specs)
       on_device = {}
       for i, piece in enumerate(pieces):
         for device in holders[i]:
@@ -118,7 +118,8 @@ class TransferServer:
 
     return fetch
 
-  def _connect(self, address: str) -> transfer.TransferConnection:
+  def connect(self, address: str) -> transfer.TransferConnection:
+    """The (cached) connection to the transfer server at `address`; the first call dials."""
     with self._lock:
       connection = self._connections.get(address)
       if connection is None:

@@ -13,12 +13,14 @@ G = H // K, D head dim, N pool pages, Z page size, P pages per sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from models import cpu_kernels
 from models.config import ModelConfig
@@ -108,7 +110,15 @@ class AttentionBackend:
     def fresh_flash():
       # Every row starts at position 0, so its keys are exactly this step's tokens (padding
       # sits after them and only padded queries can see it).
-      return flash_attention(q, k, v, causal=True, interpret=self.interpret)
+      flash = functools.partial(flash_attention, causal=True, interpret=self.interpret)
+      rows = _per_shard(q.shape[0], k.shape[2])
+      if rows is None:
+        return flash(q, k, v)
+      b, h = rows
+      spec = P(b, None, h, None)
+      return jax.shard_map(flash, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q, k, v
+      )
 
     if self.kind in ("xla", "native"):
       if cache is None:
@@ -126,10 +136,35 @@ class AttentionBackend:
       # take the XLA path.
       return jax.lax.cond(jnp.all(positions[:, 0] <= 0), fresh_flash, paged_xla)
     kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
-    out = ragged_paged_attention(  # reads this layer's pages in place: no slice of the pool
-      q[:, 0], cache.k, cache.v, kv_lens, page_table, layer=layer, interpret=self.interpret
-    )
+
+    def decode(q, k_pool, v_pool, kv_lens, page_table, layer):
+      # Reads this layer's pages in place: no slice of the pool.
+      return ragged_paged_attention(
+        q, k_pool, v_pool, kv_lens, page_table, layer=layer, interpret=self.interpret
+      )
+
+    args = (q[:, 0], cache.k, cache.v, kv_lens, page_table, layer)
+    rows = _per_shard(q.shape[0], cache.k.shape[3])
+    if rows is None:
+      return decode(*args)[:, None]
+    b, h = rows
+    pool = P(None, None, None, h, None)
+    specs = (P(b, h, None), pool, pool, P(b), P(b, None), P())
+    out = jax.shard_map(decode, in_specs=specs, out_specs=P(b, h, None), check_vma=False)(*args)
     return out[:, None]
+
+
+def _per_shard(batch: int, kv_heads: int) -> tuple[str | None, str | None] | None:
+  """How a Pallas kernel call is split over the mesh the step is traced under (XLA cannot
+  partition a Mosaic kernel itself): rows over `data` and heads over `model` where they divide,
+  each shard running the kernel on its own rows and heads. None without a multi-device mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  sizes = dict(mesh.shape)
+  b = "data" if batch % sizes.get("data", 1) == 0 and sizes.get("data", 1) > 1 else None
+  h = "model" if kv_heads % sizes.get("model", 1) == 0 and sizes.get("model", 1) > 1 else None
+  return b, h
 
 
 def xla_attention(

@@ -5,6 +5,7 @@ Named models come from PyPI wheels that carry a GGUF file; nothing is downloaded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -90,7 +91,8 @@ class Model:
       # Every process holds the whole (small) input and reads back the whole output.
       replicated = NamedSharding(self.mesh, PartitionSpec())
       tokens, positions = put(tokens, replicated), put(positions, replicated)
-    out = _forward_no_cache(self.graphdef, self.state, tokens, positions, replicated)
+    with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+      out = _forward_no_cache(self.graphdef, self.state, tokens, positions, replicated)
     return np.asarray(out[0])
 
 

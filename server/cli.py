@@ -133,6 +133,34 @@ def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
   return out
 
 
+def _layouts(args: argparse.Namespace) -> int:
+  import jax.numpy as jnp
+
+  from sharding import explorer
+
+  layouts = explorer.parse_layouts(args.layouts)
+  model = args.model or "llama3-8b"
+  if args.verify and not args.target.startswith("cpu:"):
+    raise ValueError("--verify runs the layouts here: give --target cpu:N")
+  rules = explorer.load_rules(args.rules) if args.rules else None
+  shape = explorer.ServingShape(args.batch, args.context, args.page_size, args.prefill)
+  dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  start = time.perf_counter()
+  reports = explorer.explore(model, args.target, layouts, shape, dtype=dtype, rules=rules)
+  print(explorer.format_table(reports, shape, args.target))
+  log.info("compiled %d layouts in %.0fs", len(layouts), time.perf_counter() - start)
+  if args.csv:
+    explorer.write_csv(reports, args.csv)
+  if args.plot:
+    explorer.plot(reports, str(args.plot))
+  if args.verify:
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    for layout, differs in explorer.verify(model, layouts, prompts).items():
+      verdict = "equal to tp=1" if differs is None else f"DIFFERS from tp=1 on prompt {differs}"
+      print(f"verify {layout}: greedy tokens {verdict}")
+  return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
   from models import load_model
   from models.checkpoint import save_checkpoint
@@ -157,14 +185,18 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
   )
 
 
+def _fake_cpu_devices(n: int) -> None:
+  if n < 1:
+    raise ValueError(f"--cpu-devices must be positive, got {n}")
+  flag = f"--xla_force_host_platform_device_count={n}"
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def _setup_devices(args: argparse.Namespace) -> None:
   """Runs before any jax backend exists: the device count and the process group are fixed
   when the first backend starts."""
   if args.cpu_devices is not None:
-    if args.cpu_devices < 1:
-      raise ValueError(f"--cpu-devices must be positive, got {args.cpu_devices}")
-    flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    _fake_cpu_devices(args.cpu_devices)
   from sharding import distributed
 
   distributed.initialize(
@@ -249,6 +281,37 @@ def build_parser() -> argparse.ArgumentParser:
 
   client.add_parser(sub)
 
+  lay = sub.add_parser(
+    "layouts",
+    help="compile the engine's steps for a target topology under each layout and compare them",
+  )
+  lay.add_argument(
+    "--model", default=None,
+    help="a preset (llama3-8b, llama3-70b, qwen2.5-7b: shapes only), a registered model or .gguf",
+  )  # fmt: skip
+  lay.add_argument("--target", default="tpu:v5e:2x4", help="tpu:CHIP:TOPOLOGY or cpu:N")
+  lay.add_argument(
+    "--layouts", required=True,
+    help="e.g. tp=8,dp=2,tp=4 (a dp piece starts a new layout; ';' separates too)",
+  )  # fmt: skip
+  lay.add_argument("--rules", default=None, help="JSON rules table: logical axis -> mesh axis")
+  lay.add_argument("--batch", type=int, default=64, help="decode batch")
+  lay.add_argument("--context", type=int, default=2048, help="tokens per sequence")
+  lay.add_argument("--page-size", type=int, default=16)
+  lay.add_argument("--prefill", type=int, default=2048, help="prefill chunk, tokens")
+  lay.add_argument(
+    "--dtype", choices=("bfloat16", "float32"), default=None,
+    help="weights and KV (default: bfloat16 on TPU, float32 on CPU)",
+  )  # fmt: skip
+  lay.add_argument("--csv", type=pathlib.Path, default=None, help="also write the rows as CSV")
+  lay.add_argument("--plot", type=pathlib.Path, default=None, help="memory and step time PNG")
+  lay.add_argument(
+    "--verify", action="store_true",
+    help="cpu:N only: run each layout with real weights and compare its tokens with tp=1",
+  )  # fmt: skip
+  lay.add_argument("--cpu-devices", type=int, default=None, help="fake N CPU devices")
+  lay.set_defaults(func=_layouts)
+
   conv = sub.add_parser("convert", help="write an Orbax checkpoint of a model")
   conv.add_argument("src", help="model name or .gguf path")
   conv.add_argument("dst", help="new or empty directory")
@@ -265,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     stream=sys.stderr,
   )
   try:
-    if "cpu_devices" in vars(args):  # a command with the device flags
+    if "coordinator_address" in vars(args):  # a command with the device flags
       _setup_devices(args)
+    elif getattr(args, "cpu_devices", None):
+      _fake_cpu_devices(args.cpu_devices)
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"meshserve: error: {e}", file=sys.stderr)

@@ -51,6 +51,10 @@ class NoWorker(RuntimeError):
   pass
 
 
+class IdInUse(RuntimeError):
+  pass
+
+
 class Worker:
   """One stage worker as the router sees it: channel, health and the calls in flight on it."""
 
@@ -72,7 +76,10 @@ class Worker:
     self.calls: set[grpc.aio.Call] = set()  # in flight: the load, and what a failure cancels
 
   async def check(self, timeout: float) -> None:
-    """Asks health and Describe; a worker that fails either is down, its calls cancelled."""
+    """Asks health and Describe. A worker that does not answer is down: its calls are
+    cancelled. One that answers NOT_SERVING (warming up, or draining on SIGTERM) gets no new
+    requests, but the ones it has may finish."""
+    answering = True
     try:
       answer = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
       healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -84,13 +91,16 @@ class Worker:
         if not healthy:
           log.error("worker %s is a %s worker, not %s", self.address, self.info.role, self.role)
     except grpc.RpcError:
-      healthy = False
-    if self.healthy and not healthy:
+      healthy = answering = False
+    if not answering and self.calls:
       log.warning(
-        "%s worker %s is down: failing its %d requests", self.role, self.address, len(self.calls)
-      )
+        "%s worker %s does not answer: failing its %d requests",
+        self.role, self.address, len(self.calls),
+      )  # fmt: skip
       for call in list(self.calls):
         call.cancel()
+    if self.healthy and not healthy:
+      log.warning("%s worker %s is out of rotation", self.role, self.address)
     elif healthy and not self.healthy:
       log.info("%s worker %s is serving (%s)", self.role, self.address, self.info.layout)
     self.healthy = healthy
@@ -146,6 +156,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
   def __init__(self, router: Router, metrics: Metrics):
     self.router, self.metrics = router, metrics
     self._ids = itertools.count()
+    self._client_ids: set[str] = set()  # in flight, across both stages
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
     start, status, message, last = time.perf_counter(), grpc.StatusCode.UNKNOWN, "", None
@@ -156,7 +167,13 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       calls.append((worker, call))
       return call
 
+    client_id = None
     try:
+      if request.request_id in self._client_ids:
+        raise IdInUse(f"request_id: {request.request_id!r} is already in flight")
+      client_id = request.request_id or None
+      if client_id:
+        self._client_ids.add(client_id)
       prefill, decode = self.router.pick("prefill"), self.router.pick("decode")
       if not request.request_id:
         request.request_id = f"req#{next(self._ids)}"
@@ -187,8 +204,11 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
         async for event in rest:
           if event.HasField("landed"):
             transfer = event.landed.transfer_s
-            await first.write(spb.PrefillMessage(release=spb.Release()))
-            await first.done_writing()
+            # The KV has landed: the prefill pages may go. Should the prefill call be over
+            # already (its worker went down meanwhile), its pages went with it.
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+              await first.write(spb.PrefillMessage(release=spb.Release()))
+              await first.done_writing()
             continue
           response = event.response
           if response.finish_reason:
@@ -204,6 +224,8 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       status = grpc.StatusCode.OK
     except NoWorker as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
+    except IdInUse as e:
+      status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
     except grpc.aio.AioRpcError as e:  # a worker's answer, passed through
       status, message = e.code(), e.details()
       if status == grpc.StatusCode.CANCELLED:  # cancelled by the health check, not the client
@@ -216,7 +238,12 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
     except GeneratorExit:
       status = grpc.StatusCode.CANCELLED
       raise
+    except Exception as e:  # a defect here: say what it was, and serve on
+      log.exception("request %r failed in the router", request.request_id)
+      status, message = grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"
     finally:
+      if client_id:
+        self._client_ids.discard(client_id)
       for worker, call in calls:
         call.cancel()  # a no-op on a finished call; otherwise the worker frees the pages
         worker.calls.discard(call)

@@ -76,7 +76,7 @@ class StageServicer(stages_pb2_grpc.StageWorkerServicer):
             yield spb.PrefillEvent(first=response_proto(event))
       if handoff is None:  # the first token finished the request
         return
-      offer = await asyncio.to_thread(self.transfers.offer, handoff.kv, kv_shards)
+      offer = self.transfers.offer(handoff.kv, kv_shards)  # dispatches only: no await
       yield spb.PrefillEvent(handoff=self._handoff(handoff, offer))
       # The pages stay pinned until the router says the KV has landed, or leaves.
       async for message in request_iterator:
@@ -110,7 +110,10 @@ class StageServicer(stages_pb2_grpc.StageWorkerServicer):
         seed=h.seed,
         num_cached_tokens=h.num_cached_tokens,
       )
+      self.engine.engine.validate(state.prompt_ids, state.params)  # e.g. a smaller context
       offer = Offer(h.transfer_id, tuple(h.piece_shape), np.dtype(h.dtype), h.num_pieces)
+      # Connect here, not on the engine core's thread, which must never wait for a network.
+      await asyncio.to_thread(self.transfers.connect, h.transfer_address)
       fetch = self.transfers.fetch(h.transfer_address, offer)
       stream = self.engine.resume(
         state, fetch, request.request_id or None, deadline=deadline_of(context)

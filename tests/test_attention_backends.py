@@ -50,3 +50,16 @@ def test_backend_choice():
     AttentionBackend("triton")
   with pytest.raises(ValueError, match="native"):
     load_model("smollm2-135m-instruct", attention="native", layout="tp=2")
+
+
+def test_pallas_kernels_split_themselves_over_a_mesh(golden):
+  """XLA cannot partition a Mosaic kernel: under tp=3 (SmolLM2's 3 kv heads, one a device)
+  the kernels run per shard in a shard_map, and the model still gives the golden tokens."""
+  model = load_model(
+    "smollm2-135m-instruct", layout="tp=3", attention=AttentionBackend("pallas", interpret=True)
+  )
+  case = golden.case(0)
+  np.testing.assert_array_equal(model.logits(case["ids"]).argmax(-1), case["top_ids"][:, 0])
+  llm = LLM(model, EngineConfig(num_pages=32, max_model_len=128, max_batch=2))
+  out = llm.generate([case["ids"].tolist()], SamplingParams(max_tokens=4))[0]
+  assert out.token_ids == case["greedy"][:4].tolist()

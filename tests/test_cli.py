@@ -82,6 +82,9 @@ def test_generate_bad_input_is_one_clear_line(args, message):
 )
 def test_serve_topology_mistakes_are_one_clear_line(args, message):
   proc = _meshserve("serve", "--port", "0", "--host", "127.0.0.1", *args)
-  out, err = proc.communicate(timeout=120)
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()  # a mistake that went unnoticed would start a server: stop it, by its PID
   assert proc.returncode == 2, err
   assert message in err and "Traceback" not in err

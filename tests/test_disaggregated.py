@@ -104,13 +104,14 @@ def test_a_request_the_first_token_finishes_never_reaches_decode(make):
   assert stages["decode"]["kv_transfers"] == 0
 
 
-def test_imports_wait_for_decode_pages_then_run(make, llm):
-  """A decode pool that holds one request at a time: the others' KV waits on the prefill
-  side (pinned) until pages free up, and every request still completes correctly."""
-  decode = EngineConfig(num_pages=9, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
+def test_a_small_decode_pool_makes_imports_wait_and_preempts_yet_every_output_is_right(make, llm):
+  """A decode pool far too small for the batch: imports wait (their KV pinned on the prefill
+  side) until pages free up, running requests are preempted and recomputed on the decode
+  stage, and every request still gives its colocated tokens."""
+  decode = EngineConfig(num_pages=12, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
   engine = make(decode=decode)
-  params = SamplingParams(max_tokens=24, ignore_eos=True)
-  prompts = [f"Story number {i}: once upon a time" for i in range(3)]
+  params = SamplingParams(max_tokens=60, ignore_eos=True)
+  prompts = [f"Story number {i}: once upon a time" for i in range(4)]
 
   async def main():
     return await asyncio.gather(*(collect(engine.generate(p, params)) for p in prompts))
@@ -118,7 +119,8 @@ def test_imports_wait_for_decode_pages_then_run(make, llm):
   results = asyncio.run(main())
   for (ids, _), want in zip(results, llm.generate(prompts, params), strict=True):
     assert ids == want.token_ids
-  asyncio.run(every_page_back(engine))
+  stages = dict(asyncio.run(every_page_back(engine)))
+  assert stages["decode"]["preemptions"] > 0
 
 
 def test_a_client_id_stays_taken_across_both_stages(make):
