@@ -320,6 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Where a TPU VM exposes its chips: /dev/accel* (v2-v5e) or /dev/vfio/N (v5p, v6e).
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def _skip_absent_tpu() -> None:
+  """libtpu (in the dev extra) probes for a TPU whenever jax starts, and on a machine without
+  one prints a screen of warnings before jax falls back. Where no TPU device node exists and
+  the user has not chosen platforms, leave TPU out of the platforms jax tries; everything else
+  (CPU, and a GPU where its plugin is installed) is found as usual. On a TPU VM nothing
+  changes."""
+  import glob
+  import importlib.util
+
+  if "JAX_PLATFORMS" in os.environ or any(glob.glob(g) for g in TPU_DEVICE_GLOBS):
+    return
+  if importlib.util.find_spec("libtpu") is None:
+    return  # nothing would probe
+  plugins = {
+    "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin"),
+    "rocm": ("jax_rocm60_plugin", "jax_rocm7_plugin"),
+  }
+  gpu = [p for p, names in plugins.items() if any(importlib.util.find_spec(n) for n in names)]
+  os.environ["JAX_PLATFORMS"] = ",".join([*gpu, "cpu"])
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(
@@ -327,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     format="%(asctime)s %(name)s: %(message)s",
     stream=sys.stderr,
   )
+  if not (args.command == "layouts" and args.target.startswith("tpu:")):
+    _skip_absent_tpu()  # (compiling for a TPU topology needs libtpu loaded, TPU or not)
   try:
     if "coordinator_address" in vars(args):  # a command with the device flags
       _setup_devices(args)

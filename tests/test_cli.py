@@ -88,3 +88,16 @@ def test_serve_topology_mistakes_are_one_clear_line(args, message):
     proc.kill()  # a mistake that went unnoticed would start a server: stop it, by its PID
   assert proc.returncode == 2, err
   assert message in err and "Traceback" not in err
+
+
+def test_no_tpu_start_up_noise_where_there_is_no_tpu():
+  """libtpu is installed (dev extra) but this machine has no TPU: with no JAX_PLATFORMS set,
+  the CLI neither prints libtpu's probe warnings nor forces anything a TPU VM would notice."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+    [sys.executable, "-m", "server.cli", "generate", "--prompt", "Hi", "--max-tokens", "2"],
+    capture_output=True, text=True, env=env, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "Unable to initialize backend"):
+    assert noise not in proc.stderr
