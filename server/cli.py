@@ -324,16 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
 
 
+def _has_tpu() -> bool:
+  import glob
+
+  return any(glob.glob(g) for g in TPU_DEVICE_GLOBS)
+
+
 def _skip_absent_tpu() -> None:
   """libtpu (in the dev extra) probes for a TPU whenever jax starts, and on a machine without
   one prints a screen of warnings before jax falls back. Where no TPU device node exists and
   the user has not chosen platforms, leave TPU out of the platforms jax tries; everything else
   (CPU, and a GPU where its plugin is installed) is found as usual. On a TPU VM nothing
   changes."""
-  import glob
   import importlib.util
 
-  if "JAX_PLATFORMS" in os.environ or any(glob.glob(g) for g in TPU_DEVICE_GLOBS):
+  if "JAX_PLATFORMS" in os.environ or _has_tpu():
     return
   if importlib.util.find_spec("libtpu") is None:
     return  # nothing would probe
@@ -352,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     format="%(asctime)s %(name)s: %(message)s",
     stream=sys.stderr,
   )
-  if not (args.command == "layouts" and args.target.startswith("tpu:")):
-    _skip_absent_tpu()  # (compiling for a TPU topology needs libtpu loaded, TPU or not)
+  if args.command == "layouts" and args.target.startswith("tpu:"):
+    # Compiling for a TPU topology loads libtpu, TPU or not. With no chips here to share,
+    # other processes that load it too (a test run, a second explorer) are no conflict.
+    if not _has_tpu():
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  else:
+    _skip_absent_tpu()
   try:
     if "coordinator_address" in vars(args):  # a command with the device flags
       _setup_devices(args)

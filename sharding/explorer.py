@@ -110,6 +110,7 @@ class StepReport:
 class LayoutReport:
   layout: str
   error: str | None = None  # why this layout cannot work; the rest is then empty
+  overflow: str | None = None  # the TPU compiler refused it for HBM: no step reports
   weight_bytes: int = 0  # per device
   kv_bytes: int = 0  # per device
   hbm_bytes: int | None = None
@@ -243,8 +244,12 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
     report.prefill = _compile(graphdef, state, cache, layout, mesh, prefill, shape, config)
   except Exception as e:  # noqa: BLE001 - a layout XLA cannot compile gets a row saying so
     first = str(e).splitlines()[0]
-    if "Ran out of memory" in first:  # the TPU compiler's own check
-      report.error = "HBM overflow: " + first.partition("Ran out of memory")[2].strip(" ,")[:200]
+    if "Ran out of memory" in first:  # the TPU compiler's own check: the sizes still show
+      m = re.search(r"temporaries \(([\d.]+\w*)\) exceeds available HBM \(([\d.]+\w*)\)", first)
+      report.fits, report.hbm_bytes = False, hbm
+      report.overflow = (
+        f"compiler: temporaries {m.group(1)} > HBM {m.group(2)}" if m else first[:200]
+      )
     else:
       report.error = f"compile error: {type(e).__name__}: {first[:200]}"
     return report
@@ -385,6 +390,10 @@ def format_table(reports: list[LayoutReport], shape: ServingShape, target: str) 
     if r.error:
       lines.append(f"| {r.layout} | " + f"cannot work: {r.error} |" + " |" * (len(head) - 2))
       continue
+    if r.overflow:
+      cells = [r.layout, gib(r.weight_bytes), gib(r.kv_bytes), "-", f"NO: {r.overflow}"]
+      lines.append("| " + " | ".join(cells) + " |" + " - |" * (len(head) - len(cells)))
+      continue
     d = r.decode
     temp = max(d.temp_bytes, r.prefill.temp_bytes)
     coll = (
@@ -418,8 +427,8 @@ def write_csv(reports: list[LayoutReport], path) -> None:
       "roofline_s", "compile_s",
     ])  # fmt: skip
     for r in reports:
-      if r.error:
-        w.writerow([r.layout, r.error] + [""] * 12)
+      if r.error or r.overflow:
+        w.writerow([r.layout, r.error or r.overflow, r.weight_bytes, r.kv_bytes, "", r.fits])
         continue
       coll = ";".join(f"{k}:{c}:{b}" for k, (c, b) in sorted(r.decode.collectives.items()))
       w.writerow([
@@ -440,7 +449,7 @@ def plot(reports: list[LayoutReport], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  ok = [r for r in reports if not r.error]
+  ok = [r for r in reports if not (r.error or r.overflow)]
   names = [r.layout for r in ok]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
   bottom = np.zeros(len(ok))

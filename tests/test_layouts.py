@@ -91,11 +91,11 @@ def test_layouts_that_cannot_work_get_a_row_saying_why():
     "decode batch 8 not divisible by dp=3",
   ]
   [over] = ex.explore(SMALL, TARGET, ["tp=4"], huge, progress=False)
-  # Over HBM: the TPU compiler refuses it, or the explorer's own sum does.
-  assert (over.error or "").startswith("HBM overflow") or over.fits is False, over
+  # Over HBM: the TPU compiler refuses it (or the explorer's own sum does); the sizes show.
+  assert over.error is None and over.fits is False and over.kv_bytes > over.hbm_bytes, over
   table = ex.format_table([*rows, over], huge, TARGET)
   assert "cannot work: kv heads (4) not divisible by tp=3" in table
-  assert "cannot work: HBM overflow" in table or "NO: over HBM" in table
+  assert "| NO: " in table
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -116,7 +116,7 @@ def test_the_llama3_8b_command_prints_its_table(tmp_path):
   )  # fmt: skip
   assert out.returncode == 0, out.stderr
   cfg = ex.presets()["llama3-8b"]
-  rows = {
+  rows = {  # every layout shows its weights, fitting or not (dp=4,tp=2 does not: see README)
     m.group(1): float(m.group(2))
     for m in re.finditer(r"^\| (tp=\d|dp=\d,tp=\d) \| ([\d.]+) \|", out.stdout, re.M)
   }
