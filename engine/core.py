@@ -206,9 +206,9 @@ class EngineCore:
     """Reserves pages for waiting imports (in order, while the pool allows), starts their
     fetches, and admits those whose KV has landed. Never waits for a copy."""
     runner, engine = self.engine.runner, self.engine
-    while (
-      self._imports and len(engine.scheduler.running) + len(self._moving) < engine.config.max_batch
-    ):
+    while self._imports and len(engine.scheduler.running) + len(engine.reserved) < (
+      engine.config.max_batch
+    ):  # a batch slot for each: a landed import goes straight into the batch
       m = self._imports[0]
       m.pages = self.engine.reserve(m.request_id, len(m.state.prompt_ids))
       if m.pages is None:

@@ -57,6 +57,7 @@ class Scheduler:
     self.running: list[Request] = []  # in admission order: the newest is preempted first
     self.num_preemptions = 0
     self.num_cached_tokens = 0  # tokens admitted straight from the prefix cache, since start
+    self.held_slots = 0  # batch slots promised to requests whose KV is on its way (decode)
 
   def add(self, request: Request) -> None:
     self.waiting.append(request)
@@ -114,7 +115,12 @@ class Scheduler:
         continue
       break  # the request itself was preempted: it was the newest, nothing is left
 
-    while self.waiting and budget > 0 and len(self.running) < cfg.max_batch and not out.preempted:
+    while (
+      self.waiting
+      and budget > 0
+      and len(self.running) + self.held_slots < cfg.max_batch
+      and not out.preempted
+    ):
       request, cached = self.waiting[0], 0
       if request.num_computed == 0:  # else its KV came from a prefill stage (disaggregated)
         cached = self.allocator.match_prefix(request.request_id, request.token_ids)

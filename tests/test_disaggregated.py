@@ -11,6 +11,7 @@ import pytest
 from engine import Engine, EngineConfig, RequestIdInUseError, SamplingParams
 from engine.disaggregated import DisaggregatedEngine
 from engine.handoff import Handoff
+from engine.request import RequestState
 from tests.conftest import assert_greedy_equal
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
@@ -189,3 +190,22 @@ def test_random_cancels_and_deadlines_free_every_page_in_both_stages(make, monke
   assert {"left", "deadline"} <= set(outcomes), outcomes
   assert stages["decode"]["kv_transfers"] > 0
   assert stages["decode"]["kv_transfers_cancelled"] > 0  # some were cut mid-transfer
+
+
+def test_a_reserved_import_keeps_its_batch_slot(stage_models):
+  """While an import's KV is on its way, the decode batch does not fill its slot with a
+  waiting request: once landed it joins the batch, which never outgrows max_batch."""
+  config = EngineConfig(num_pages=64, max_model_len=128, max_batch=2, max_num_batched_tokens=32)
+  decode = Engine(stage_models[1], config, role="decode")
+  params = SamplingParams(max_tokens=4, ignore_eos=True)
+  prompt = decode.tokenizer.encode("The capital of France is")
+  assert decode.reserve("import", len(prompt)) is not None
+  decode.add_request(prompt, params, "waiting-1")
+  decode.add_request(prompt, params, "waiting-2")
+  decode.step()
+  assert len(decode.scheduler.running) == 1  # one slot is the import's
+  decode.admit("import", RequestState(prompt, [7042], params, seed=0))
+  while decode.requests:
+    decode.step()
+    assert len(decode.scheduler.running) <= config.max_batch
+  assert decode.allocator.num_free == config.num_pages - 1
