@@ -105,7 +105,8 @@ class AsyncEngine:
     return [(self.engine.role, self.stats())]
 
   def encode(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text)
+    """A text prompt's ids: BOS first where the tokenizer's metadata asks for it."""
+    return self.tokenizer.encode(text, add_special_tokens=True)
 
   def encode_chat(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[int]]:
     """(templated text, its token ids) of a conversation, generation prompt added."""
@@ -128,7 +129,7 @@ class AsyncEngine:
     caller passes the Handoff to `release`, which it must do however it goes on."""
     params = params or SamplingParams()
     arrival = time.perf_counter()
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     self.engine.validate(ids, params)
     internal = f"{request_id or 'req'}#{next(self._ids)}"
     submit = functools.partial(self.core.add, internal, ids, params, arrival)

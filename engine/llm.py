@@ -69,7 +69,12 @@ class LLM:
     engine, results = self.engine, {}
     try:
       for prompt, sp in zip(prompts, params, strict=True):
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        # A text prompt gets BOS where the tokenizer's metadata asks for it, as HF does.
+        ids = (
+          self.tokenizer.encode(prompt, add_special_tokens=True)
+          if isinstance(prompt, str)
+          else list(prompt)
+        )
         request_id = engine.add_request(ids, sp)
         results[request_id] = RequestOutput(request_id, [int(t) for t in ids])
     except ValueError:

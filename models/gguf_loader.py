@@ -33,6 +33,13 @@ SUPPORTED_TYPES = {
 }
 
 
+EOS_KEYS = (
+  "tokenizer.ggml.eos_token_id",
+  "tokenizer.ggml.eot_token_id",
+  "tokenizer.ggml.eom_token_id",
+)
+
+
 class GGUFFile:
   """An open GGUF file: typed access to its metadata and its dequantized tensors."""
 
@@ -71,7 +78,14 @@ class GGUFFile:
     a = lambda key: self.require(f"{arch}.{key}")
     embed_dim, num_heads = int(a("embedding_length")), int(a("attention.head_count"))
     vocab = self.meta(f"{arch}.vocab_size") or len(self.require("tokenizer.ggml.tokens"))
-    eos = self.meta("tokenizer.ggml.eos_token_id")
+    # Every id that ends a turn: EOS, and end-of-turn / end-of-message where the model has
+    # them (Llama 3's <|eot_id|> ends a chat, not its EOS).
+    eos = tuple(sorted({int(i) for k in EOS_KEYS if (i := self.meta(k)) is not None}))
+    scaling = self.meta(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in self.tensors:
+      raise ValueError(
+        f"{self.path.name}: {arch}.rope.scaling.type {scaling!r} (rope scaling) is not supported"
+      )
     return ModelConfig(
       name=name,
       arch=arch,
@@ -87,7 +101,7 @@ class GGUFFile:
       max_context=int(a("context_length")),
       tie_embeddings="output.weight" not in self.tensors,
       bos_token_id=self.meta("tokenizer.ggml.bos_token_id"),
-      eos_token_ids=() if eos is None else (int(eos),),
+      eos_token_ids=eos,
     )
 
 
@@ -128,5 +142,10 @@ def load_llama_weights(f: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out["final_norm"] = get("output_norm.weight")
     if not cfg.tie_embeddings:
       out["lm_head"] = get("output.weight").T
+  used = {"token_embd.weight", "output_norm.weight", "output.weight"}
+  used |= {f"blk.{i}.{theirs}.weight" for i in range(L) for theirs, _ in per_layer.values()}
+  if unused := sorted(set(f.tensors) - used):
+    shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+    raise ValueError(f"{f.path.name}: tensors this model does not use: {shown}")
   log.info("loaded %d tensors from %s in %.1fs", total, f.path.name, time.perf_counter() - start)
   return out

@@ -69,3 +69,67 @@ def test_missing_and_bad_files(tmp_path):
   bad.write_bytes(b"not a gguf file at all")
   with pytest.raises(ValueError, match="not a readable GGUF"):
     GGUFFile(bad)
+
+
+def _tiny_gguf(path, *, meta=(), extra_tensors=()):
+  """A one-layer llama GGUF with float32 tensors and the metadata the config reads."""
+  import gguf
+
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(1)
+  w.add_embedding_length(8)
+  w.add_feed_forward_length(16)
+  w.add_head_count(2)
+  w.add_head_count_kv(1)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_context_length(64)
+  w.add_vocab_size(32)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  for key, value in meta:
+    (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
+  rng = np.random.default_rng(0)
+  shapes = {
+    "token_embd.weight": (32, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+    "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (4, 8), "blk.0.attn_v.weight": (4, 8),
+    "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_norm.weight": (8,),
+    "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+    "blk.0.ffn_down.weight": (8, 16), **dict(extra_tensors),
+  }  # fmt: skip
+  for name, shape in shapes.items():
+    w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return GGUFFile(path)
+
+
+def test_every_end_of_turn_id_is_an_eos(tmp_path):
+  f = _tiny_gguf(tmp_path / "m.gguf", meta=[("tokenizer.ggml.eot_token_id", 7)])
+  assert f.config("tiny").eos_token_ids == (2, 7)  # Llama 3's <|eot_id|> ends a chat too
+
+
+def test_unused_tensors_and_rope_scaling_are_refused_by_name(tmp_path):
+  from models.gguf_loader import load_llama_weights
+
+  f = _tiny_gguf(tmp_path / "ok.gguf")
+  weights = load_llama_weights(f, f.config("tiny"))
+  assert weights["wq"].shape == (1, 8, 2, 4) and "lm_head" not in weights  # tied
+  f = _tiny_gguf(tmp_path / "extra.gguf", extra_tensors=[("blk.0.attn_q.bias", (8,))])
+  with pytest.raises(ValueError, match=r"does not use: blk\.0\.attn_q\.bias"):
+    load_llama_weights(f, f.config("tiny"))
+  f = _tiny_gguf(tmp_path / "yarn.gguf", meta=[("llama.rope.scaling.type", "yarn")])
+  with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
+    f.config("tiny")
+
+
+def test_text_prompts_get_bos_where_the_tokenizer_asks(model, monkeypatch):
+  from engine import LLM, EngineConfig, SamplingParams
+
+  llm = LLM(model, EngineConfig(num_pages=16, max_model_len=64, max_batch=1))
+  plain = llm.generate("Hello", SamplingParams(max_tokens=1))[0].prompt_token_ids
+  assert plain[0] != model.config.bos_token_id  # SmolLM2's metadata: add_bos_token = False
+  monkeypatch.setattr(model.tokenizer, "add_bos", True)
+  with_bos = llm.generate("Hello", SamplingParams(max_tokens=1))[0].prompt_token_ids
+  assert with_bos == [model.config.bos_token_id, *plain]
