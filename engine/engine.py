@@ -65,7 +65,7 @@ class Engine:
     self.last_step: StepStats | None = None
     self.pinned: dict[str, Request] = {}  # prefill: handed off, pages held until release
     self._handoffs: list[Request] = []  # prefill: reached their first token this step
-    self.reserved: dict[str, int] = {}  # decode: request id -> tokens its reserved pages hold
+    self.reserved = self.scheduler.reserved  # decode: id -> tokens its reserved pages hold
 
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
@@ -116,7 +116,6 @@ class Engine:
     and reserved for one included); its last delta, or None if it was not running."""
     if self.pinned.pop(request_id, None) or self.reserved.pop(request_id, None) is not None:
       self.allocator.free(request_id)
-      self.scheduler.held_slots = len(self.reserved)
       return None
     request = self.requests.pop(request_id, None)
     if request is None:
@@ -155,13 +154,11 @@ class Engine:
       self.allocator.free(request_id)  # allocate left an empty table behind
       return None
     self.reserved[request_id] = num_tokens
-    self.scheduler.held_slots = len(self.reserved)  # its batch slot is kept for it too
     return list(pages[: -(-num_tokens // self.config.page_size)])
 
   def admit(self, request_id: str, state: RequestState, *, arrival: float | None = None) -> None:
     """Decode: continues a request whose prompt KV is now in its reserved pages."""
     num_tokens = self.reserved.pop(request_id)
-    self.scheduler.held_slots = len(self.reserved)
     if num_tokens != len(state.prompt_ids):
       raise ValueError(f"state: {len(state.prompt_ids)} prompt tokens, {num_tokens} reserved")
     request = state.resume(request_id, self.tokenizer)

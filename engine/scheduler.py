@@ -57,7 +57,9 @@ class Scheduler:
     self.running: list[Request] = []  # in admission order: the newest is preempted first
     self.num_preemptions = 0
     self.num_cached_tokens = 0  # tokens admitted straight from the prefix cache, since start
-    self.held_slots = 0  # batch slots promised to requests whose KV is on its way (decode)
+    # Decode stage: request id -> prompt tokens, for requests whose KV is on its way into
+    # reserved pages. Each keeps a batch slot, which waiting requests may not take.
+    self.reserved: dict[str, int] = {}
 
   def add(self, request: Request) -> None:
     self.waiting.append(request)
@@ -118,7 +120,7 @@ class Scheduler:
     while (
       self.waiting
       and budget > 0
-      and len(self.running) + self.held_slots < cfg.max_batch
+      and len(self.running) + len(self.reserved) < cfg.max_batch
       and not out.preempted
     ):
       request, cached = self.waiting[0], 0
