@@ -14,6 +14,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc
 
 # The engine shape every server test uses: small, so a cold warm-up compiles 18 step shapes.
@@ -28,6 +29,20 @@ async def read_all(call: grpc.aio.UnaryStreamCall):
   """The rest of a stream already read from with read() (gRPC forbids mixing in `async for`)."""
   while (response := await call.read()) != grpc.aio.EOF:
     yield response
+
+
+def collect(stub, request: pb.GenerateRequest, **kw) -> tuple[list[int], str, pb.GenerateResponse]:
+  """(token ids, text, last response) of a whole Generate stream."""
+  ids, text, last = [], "", None
+  for r in stub.Generate(request, timeout=120, **kw):
+    ids += r.token_ids
+    text += r.text
+    last = r
+  return ids, text, last
+
+
+def model_info(stub) -> pb.ModelInfo:
+  return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
   ProtoReflectionDescriptorDatabase,
 )
-from serving import Server, read_all
+from serving import Server, collect, model_info, read_all
 
 from engine import LLM, EngineConfig, SamplingParams
 from server.proto.meshserve.v1 import inference_pb2 as pb
@@ -51,19 +51,6 @@ def stub(server):
 @pytest.fixture(scope="module")
 def offline(model):
   return LLM(model, ENGINE)
-
-
-def collect(stub, request: pb.GenerateRequest, **kw) -> tuple[list[int], str, pb.GenerateResponse]:
-  ids, text, last = [], "", None
-  for r in stub.Generate(request, timeout=120, **kw):
-    ids += r.token_ids
-    text += r.text
-    last = r
-  return ids, text, last
-
-
-def model_info(stub) -> pb.ModelInfo:
-  return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
 
 def wait_all_pages_free(stub, timeout: float = 30.0) -> pb.StageStats:

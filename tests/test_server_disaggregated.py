@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 import pytest
 from conftest import assert_greedy_equal
-from serving import Server, read_all
+from serving import Server, collect, model_info, read_all
 
 from engine import LLM, EngineConfig, SamplingParams
 from server.proto.meshserve.v1 import inference_pb2 as pb
@@ -102,19 +102,6 @@ def stub(topology):
 @pytest.fixture(scope="module")
 def offline(model):
   return LLM(model, ENGINE)
-
-
-def collect(stub, request: pb.GenerateRequest, **kw):
-  ids, text, last = [], "", None
-  for r in stub.Generate(request, timeout=120, **kw):
-    ids += r.token_ids
-    text += r.text
-    last = r
-  return ids, text, last
-
-
-def model_info(stub) -> pb.ModelInfo:
-  return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
 
 def wait_every_stage_idle(stub, timeout: float = 30.0) -> list[pb.Stage]:
