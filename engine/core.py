@@ -217,7 +217,7 @@ class EngineCore:
       m.started = time.perf_counter()
       n = len(runner.page_list(m.pages))
       try:
-        m.kv = m.fetch(runner.kv_sharding(n), runner.kv_shape(n))
+        m.kv = m.fetch(runner.kv_sharding, runner.kv_shape(n))
       except Exception as e:  # noqa: BLE001 - the request fails, the stage goes on
         self._fail(m.request_id, e, events)
         continue

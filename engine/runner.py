@@ -121,8 +121,9 @@ class Runner:
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
     self._no_history = {}  # [B, max_model_len] all -1, per B: unpenalized batches share one
 
-  def kv_sharding(self, num_pages: int) -> jax.sharding.Sharding:
-    """Where packed KV of `num_pages` pages goes on this runner: split as the pool is."""
+  @functools.cached_property
+  def kv_sharding(self) -> jax.sharding.Sharding:
+    """Where packed KV (any number of pages) goes on this runner: split as the pool is."""
     if self.shardings is None:
       return jax.sharding.SingleDeviceSharding(self.cache.k.devices().pop())
     spec = self.shardings.cache.spec
@@ -142,7 +143,7 @@ class Runner:
     """The KV of `pages` (in order), packed and padded to a page bucket. Dispatched, not
     waited for: the next step may donate the pool while the copy runs."""
     padded = self.page_list(pages)
-    out = None if self.shardings is None else self.kv_sharding(len(padded))
+    out = None if self.shardings is None else self.kv_sharding
     return _gather_pages(self.cache, self._replicated(padded), out)
 
   def import_pages(self, kv: jax.Array, pages: list[int]) -> None:
@@ -159,7 +160,7 @@ class Runner:
       if export:
         self.export_pages([0] * n)
       if imports:
-        kv = jax.device_put(jnp.zeros(self.kv_shape(n), self.cache.k.dtype), self.kv_sharding(n))
+        kv = jax.device_put(jnp.zeros(self.kv_shape(n), self.cache.k.dtype), self.kv_sharding)
         self.import_pages(kv, [0] * n)
     jax.block_until_ready(self.cache)
 

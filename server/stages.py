@@ -46,7 +46,7 @@ class StageServicer(stages_pb2_grpc.StageWorkerServicer):
   def __init__(self, engine: AsyncEngine, public: InferenceServicer, transfers: TransferServer):
     self.engine, self.public, self.transfers = engine, public, transfers
     runner = engine.engine.runner
-    self.kv_shards = kv_head_shards(runner.kv_sharding(1), runner.kv_shape(1))
+    self.kv_shards = kv_head_shards(runner.kv_sharding, runner.kv_shape(1))
 
   async def Prefill(self, request_iterator, context: grpc.aio.ServicerContext):
     if self.engine.role != "prefill":

@@ -62,10 +62,10 @@ def test_pages_cross_layouts_bit_for_bit(four_heads, transfer_servers, src, dst,
     fetch = Handoff("r", None, kv, len(a_pages), None).fetch
   else:
     prefill, decode = transfer_servers
-    offer = prefill.offer(kv, kv_head_shards(b.kv_sharding(n), b.kv_shape(n)))
+    offer = prefill.offer(kv, kv_head_shards(b.kv_sharding, b.kv_shape(n)))
     fetch = decode.fetch(prefill.address, offer)
-  moved = fetch(b.kv_sharding(n), b.kv_shape(n))
-  assert moved.sharding.is_equivalent_to(b.kv_sharding(n), moved.ndim)
+  moved = fetch(b.kv_sharding, b.kv_shape(n))
+  assert moved.sharding.is_equivalent_to(b.kv_sharding, moved.ndim)
   b.import_pages(moved, b_pages)
   np.testing.assert_array_equal(pages_of(b, b_pages), pages_of(a, a_pages))
   np.testing.assert_array_equal(pages_of(b, [1, 4]), before)  # nothing else was written
@@ -75,11 +75,11 @@ def test_pages_cross_layouts_bit_for_bit(four_heads, transfer_servers, src, dst,
 def test_kv_head_shards(four_heads):
   layout = Layout.parse("tp=4")
   r = runner(four_heads, layout, jax.devices()[:4])
-  assert kv_head_shards(r.kv_sharding(2), r.kv_shape(2)) == 4
+  assert kv_head_shards(r.kv_sharding, r.kv_shape(2)) == 4
   r3 = runner(
     dataclasses.replace(four_heads, num_kv_heads=3, num_heads=9), layout, jax.devices()[:4]
   )
-  assert kv_head_shards(r3.kv_sharding(2), r3.kv_shape(2)) == 1  # 3 heads: kept whole
+  assert kv_head_shards(r3.kv_sharding, r3.kv_shape(2)) == 1  # 3 heads: kept whole
 
 
 def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit(stage_models):
@@ -97,8 +97,7 @@ def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit(stage_models):
   kv = prefill.runner.export_pages(p_pages)
   d_pages = decode.reserve("r", len(prompt))
   assert set(d_pages).isdisjoint(p_pages)
-  n = len(decode.runner.page_list(d_pages))
-  decode.runner.import_pages(jax.device_put(kv, decode.runner.kv_sharding(n)), d_pages)
+  decode.runner.import_pages(jax.device_put(kv, decode.runner.kv_sharding), d_pages)
   np.testing.assert_array_equal(pages_of(decode.runner, d_pages), pages_of(prefill.runner, p_pages))
   decode.admit("r", RequestState.of(request))
   prefill.release("r")
