@@ -34,7 +34,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine import RequestDelta, RequestTiming
+from engine import RequestDelta, RequestIdInUseError, RequestTiming
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
@@ -48,10 +48,6 @@ FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "lengt
 
 
 class NoWorker(RuntimeError):
-  pass
-
-
-class IdInUse(RuntimeError):
   pass
 
 
@@ -170,7 +166,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
     client_id = None
     try:
       if request.request_id in self._client_ids:
-        raise IdInUse(f"request_id: {request.request_id!r} is already in flight")
+        raise RequestIdInUseError(f"request_id: {request.request_id!r} is already in flight")
       client_id = request.request_id or None
       if client_id:
         self._client_ids.add(client_id)
@@ -224,7 +220,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       status = grpc.StatusCode.OK
     except NoWorker as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
-    except IdInUse as e:
+    except RequestIdInUseError as e:
       status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
     except grpc.aio.AioRpcError as e:  # a worker's answer, passed through
       status, message = e.code(), e.details()
