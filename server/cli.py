@@ -332,7 +332,8 @@ def _has_tpu() -> bool:
 
 def _skip_absent_tpu() -> None:
   """libtpu (in the dev extra) probes for a TPU whenever jax starts, and on a machine without
-  one prints a screen of warnings before jax falls back. Where no TPU device node exists and
+  one prints a screen of warnings before jax falls back (without libtpu, jax still logs that
+  the TPU backend failed). Where no TPU device node exists and
   the user has not chosen platforms, leave TPU out of the platforms jax tries; everything else
   (CPU, and a GPU where its plugin is installed) is found as usual. On a TPU VM nothing
   changes."""
@@ -340,8 +341,6 @@ def _skip_absent_tpu() -> None:
 
   if "JAX_PLATFORMS" in os.environ or _has_tpu():
     return
-  if importlib.util.find_spec("libtpu") is None:
-    return  # nothing would probe
   plugins = {
     "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin"),
     "rocm": ("jax_rocm60_plugin", "jax_rocm7_plugin"),
