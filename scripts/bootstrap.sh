@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
 python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+# Several commands started at once in a fresh clone (a router and its workers) install once:
+# the others wait for the first.
+exec 9>".bootstrap.lock"
+if command -v flock >/dev/null; then flock 9; fi
 if [ ! -x .venv/bin/python ]; then
   echo "meshserve: creating .venv with $("$python" --version)" >&2
   "$python" -m venv .venv
