@@ -2,9 +2,9 @@
 
 from models.attention import AttentionBackend, KVCache
 from models.config import ModelConfig
-from models.llama import Llama
 from models.loader import DEFAULT_MODEL, MODELS, Model, load_model
 from models.tokenizer import IncrementalDetokenizer, Tokenizer
+from models.transformer import Transformer
 
 __all__ = [
   "AttentionBackend",
@@ -12,7 +12,7 @@ __all__ = [
   "MODELS",
   "IncrementalDetokenizer",
   "KVCache",
-  "Llama",
+  "Transformer",
   "Model",
   "ModelConfig",
   "Tokenizer",

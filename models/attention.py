@@ -101,16 +101,34 @@ class AttentionBackend:
     cache: KVCache | None,
     layer: jax.Array,
     page_table: jax.Array | None,  # [B, P]
+    *,
+    window: int | None = None,  # a sliding window: keys each query sees, its own included
+    local: jax.Array | None = None,  # traced bool: whether `window` applies to this layer
   ) -> jax.Array:
+    """With `window` and no `local` the window applies; with `local`, only where it is True
+    (a model that interleaves sliding-window and global layers under one scan)."""
+    if window is not None and local is not None and self.kind == "pallas":
+      # The kernels take the window as a static argument: trace both, run one.
+      windowed = functools.partial(self, window=window)
+      full = functools.partial(self, window=None)
+      args = (q, k, v, positions, cache, layer, page_table)
+      return jax.lax.cond(local, windowed, full, *args)
+    # XLA paths take it as data: the keys visible from position p are those after p - span.
+    span = window
+    if window is not None and local is not None:
+      span = jnp.where(local, window, NO_WINDOW)
+
     def paged_xla():
       k_all, v_all = cache.gather(layer, page_table)
       key_positions = jnp.arange(k_all.shape[1])[None, :]
-      return xla_attention(q, k_all, v_all, positions, key_positions)
+      return xla_attention(q, k_all, v_all, positions, key_positions, span)
 
     def fresh_flash():
       # Every row starts at position 0, so its keys are exactly this step's tokens (padding
       # sits after them and only padded queries can see it).
-      flash = functools.partial(flash_attention, causal=True, interpret=self.interpret)
+      flash = functools.partial(
+        flash_attention, causal=True, sliding_window=window, interpret=self.interpret
+      )
       rows = _per_shard(q.shape[0], k.shape[2])
       if rows is None:
         return flash(q, k, v)
@@ -122,12 +140,14 @@ class AttentionBackend:
 
     if self.kind in ("xla", "native"):
       if cache is None:
-        return xla_attention(q, k, v, positions, positions)
+        return xla_attention(q, k, v, positions, positions, span)
       if q.shape[1] > 1:
         return paged_xla()
       if self.kind == "native" and cache.k.dtype == jnp.float32:
-        return cpu_kernels.paged_decode_attention(q, cache.k, cache.v, layer, positions, page_table)
-      return xla_paged_decode_attention(q, cache, layer, positions, page_table)
+        return cpu_kernels.paged_decode_attention(
+          q, cache.k, cache.v, layer, positions, page_table, span
+        )
+      return xla_paged_decode_attention(q, cache, layer, positions, page_table, span)
     if cache is None:
       return fresh_flash()
     if q.shape[1] > 1:
@@ -140,8 +160,9 @@ class AttentionBackend:
     def decode(q, k_pool, v_pool, kv_lens, page_table, layer):
       # Reads this layer's pages in place: no slice of the pool.
       return ragged_paged_attention(
-        q, k_pool, v_pool, kv_lens, page_table, layer=layer, interpret=self.interpret
-      )
+        q, k_pool, v_pool, kv_lens, page_table, layer=layer, sliding_window=window,
+        interpret=self.interpret,
+      )  # fmt: skip
 
     args = (q[:, 0], cache.k, cache.v, kv_lens, page_table, layer)
     rows = _per_shard(q.shape[0], cache.k.shape[3])
@@ -152,6 +173,9 @@ class AttentionBackend:
     specs = (P(b, h, None), pool, pool, P(b), P(b, None), P())
     out = jax.shard_map(decode, in_specs=specs, out_specs=P(b, h, None), check_vma=False)(*args)
     return out[:, None]
+
+
+NO_WINDOW = 1 << 30  # a span past any context: a global layer under a traced window
 
 
 def _per_shard(batch: int, kv_heads: int) -> tuple[str | None, str | None] | None:
@@ -173,6 +197,7 @@ def xla_attention(
   v: jax.Array,  # [B, S, K, D]
   q_pos: jax.Array,  # [B, T]; -1 = padding
   k_pos: jax.Array,  # [B or 1, S]
+  window: jax.Array | int | None = None,  # a query at p sees keys after p - window
 ) -> jax.Array:
   """Masked softmax attention, causal by absolute position, GQA by grouping query heads.
 
@@ -186,6 +211,8 @@ def xla_attention(
   scores = jnp.einsum("BKMD,BKSD->BKMS", qh, kh, preferred_element_type=jnp.float32)
   scores = (scores * (D**-0.5)).reshape(B, K, G, T, S)
   visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
+  if window is not None:
+    visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   # A padding query sees no key; give it a finite row so no NaN leaks anywhere.
   scores = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], scores, 0.0)
@@ -200,6 +227,7 @@ def xla_paged_decode_attention(
   layer: jax.Array,
   positions: jax.Array,  # [B, 1]; -1 = padding row
   page_table: jax.Array,  # [B, P]
+  window: jax.Array | int | None = None,  # the newest `window` keys only
   groups: int = 4,
 ) -> jax.Array:
   """One-token attention that walks each sequence's pages one at a time with an online softmax.
@@ -214,9 +242,11 @@ def xla_paged_decode_attention(
   groups = math.gcd(B, groups)
   qg = (q.reshape(B, K, G, D).astype(jnp.float32) * (D**-0.5)).reshape(groups, -1, K, G, D)
   last = positions[:, 0].reshape(groups, -1)
+  # The first visible position of each row (0, or where its window starts).
+  first = jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
   tables = page_table.reshape(groups, -1, page_table.shape[1])
 
-  def walk(qg, last, table):
+  def walk(qg, last, first, table):
     rows = qg.shape[0]
 
     def page(p, carry):
@@ -224,7 +254,8 @@ def xla_paged_decode_attention(
       k = cache.k[layer, table[:, p]].astype(jnp.float32)  # [R, Z, K, D]
       v = cache.v[layer, table[:, p]].astype(jnp.float32)
       s = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1)  # [R, Z, K, G]
-      visible = p * Z + jnp.arange(Z)[None, :] <= last[:, None]  # [R, Z]
+      key = p * Z + jnp.arange(Z)[None, :]
+      visible = (key <= last[:, None]) & (key >= first[:, None])  # [R, Z]
       s = jnp.where(visible[:, :, None, None], s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       e = jnp.exp(s - m_new[:, None])
@@ -238,10 +269,11 @@ def xla_paged_decode_attention(
       jnp.zeros((rows, K, G), jnp.float32),
       jnp.zeros((rows, K, G, D), jnp.float32),
     )
-    # Only the pages that hold this group's longest sequence (never past the table).
+    # Only the pages that hold this group's visible keys (never past the table).
     num_pages = jnp.minimum(jnp.max(last) // Z + 1, table.shape[1])
-    _, norm, acc = jax.lax.fori_loop(0, num_pages, page, init)
+    first_page = jnp.min(jnp.where(last >= 0, first, NO_WINDOW)) // Z
+    _, norm, acc = jax.lax.fori_loop(jnp.minimum(first_page, num_pages), num_pages, page, init)
     return acc / jnp.maximum(norm, 1e-30)[..., None]  # a padding row (norm = 0) gets zeros
 
-  out = jnp.stack([walk(qg[g], last[g], tables[g]) for g in range(groups)])
+  out = jnp.stack([walk(qg[g], last[g], first[g], tables[g]) for g in range(groups)])
   return out.reshape(B, 1, H, D).astype(q.dtype)

@@ -71,7 +71,8 @@ def read_meta(path: str | pathlib.Path) -> tuple[ModelConfig, Tokenizer]:
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
   fields = meta["config"]
-  fields |= {"dtype": jnp.dtype(fields["dtype"]), "eos_token_ids": tuple(fields["eos_token_ids"])}
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # JSON arrays
+  fields["dtype"] = jnp.dtype(fields["dtype"])
   config = ModelConfig(**fields)
   tok = meta["tokenizer"]
   tokenizer = Tokenizer(

@@ -53,6 +53,11 @@ def _cpu_model() -> str:
   return platform.processor()
 
 
+def cache_dir() -> pathlib.Path:
+  """Where meshserve keeps what it builds once: $MESHSERVE_CACHE, else ~/.cache/meshserve."""
+  return pathlib.Path(os.environ.get("MESHSERVE_CACHE", pathlib.Path.home() / ".cache/meshserve"))
+
+
 def build() -> pathlib.Path:
   """The kernel's shared library, compiled now unless the cache has it. Raises BuildError."""
   cxx = compiler()
@@ -61,7 +66,7 @@ def build() -> pathlib.Path:
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), jaxlib.__version__, cxx, *FLAGS, _cpu_model()):
     key.update(part if isinstance(part, bytes) else part.encode())
-  cache = pathlib.Path(os.environ.get("MESHSERVE_CACHE", pathlib.Path.home() / ".cache/meshserve"))
+  cache = cache_dir()
   library = cache / f"paged_decode_cpu-{key.hexdigest()[:16]}.so"
   if library.exists():
     return library
@@ -103,11 +108,14 @@ def paged_decode_attention(
   layer: jax.Array,
   positions: jax.Array,  # [B, 1]; -1 = padding row
   page_table: jax.Array,  # [B, P]
+  window: jax.Array | int | None = None,  # the newest `window` keys only
 ) -> jax.Array:
   """The same result as `xla_paged_decode_attention`, through the compiled kernel."""
   if not available():
     raise BuildError("the CPU paged-decode kernel is not available (see the log)")
   B, _, H, D = q.shape
+  lengths = jnp.maximum(positions[:, 0] + 1, 0).astype(jnp.int32)  # keys [0, length) exist
+  starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, H, D), jnp.float32))
   out = call(
     q[:, 0].astype(jnp.float32) * (D**-0.5),
@@ -115,6 +123,7 @@ def paged_decode_attention(
     v,
     jnp.asarray(layer, jnp.int32),
     page_table.astype(jnp.int32),
-    jnp.maximum(positions[:, 0] + 1, 0).astype(jnp.int32),  # keys each row sees
+    starts.astype(jnp.int32),  # each row sees keys [start, length)
+    lengths,
   )
   return out[:, None].astype(q.dtype)

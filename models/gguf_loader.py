@@ -1,8 +1,10 @@
 """Reads a llama.cpp GGUF file: metadata -> ModelConfig, tensors -> float32 numpy arrays.
 
-Dequantization is the `gguf` package's; this module only maps names and layouts. llama.cpp's
-converter permutes the rows of attn_q / attn_k so its RoPE can rotate adjacent pairs; we undo
-that so the model uses the rotate-half convention of the original (HF) checkpoint.
+Dequantization is the `gguf` package's; this module only maps names and layouts. For the
+`llama` architecture llama.cpp's converter permutes the rows of attn_q / attn_k so its RoPE can
+rotate adjacent pairs; we undo that so the model uses the rotate-half convention of the original
+(HF) checkpoint. `gemma3` files keep HF's order, and store Gemma's norm weights already plus one
+(the factor applied), which is what `Transformer` takes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "gemma3")
 SUPPORTED_TYPES = {
   gguf.GGMLQuantizationType.F32,
   gguf.GGMLQuantizationType.F16,
@@ -27,6 +29,8 @@ SUPPORTED_TYPES = {
   gguf.GGMLQuantizationType.Q8_0,
   gguf.GGMLQuantizationType.Q4_0,
   gguf.GGMLQuantizationType.Q4_1,
+  gguf.GGMLQuantizationType.Q5_0,
+  gguf.GGMLQuantizationType.Q5_1,
   gguf.GGMLQuantizationType.Q4_K,
   gguf.GGMLQuantizationType.Q5_K,
   gguf.GGMLQuantizationType.Q6_K,
@@ -38,6 +42,14 @@ EOS_KEYS = (
   "tokenizer.ggml.eot_token_id",
   "tokenizer.ggml.eom_token_id",
 )
+# Control tokens that end a turn in files that do not name them (as llama.cpp finds them).
+END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+_CONTROL = 3  # GGUF token type of a control token
+
+# Gemma 3 facts that its GGUF metadata leaves out (llama.cpp hard-codes them too): every sixth
+# layer is global, the others slide; sliding layers use RoPE base 10000.
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 class GGUFFile:
@@ -74,34 +86,70 @@ class GGUFFile:
   def config(self, name: str) -> ModelConfig:
     arch = self.require("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-      raise ValueError(f"{self.path.name}: unsupported architecture {arch!r}")
+      raise ValueError(
+        f"{self.path.name}: unsupported architecture {arch!r}; supported: {SUPPORTED_ARCHS}"
+      )
     a = lambda key: self.require(f"{arch}.{key}")
     embed_dim, num_heads = int(a("embedding_length")), int(a("attention.head_count"))
+    num_layers = int(a("block_count"))
+    head_dim = self.meta(f"{arch}.attention.key_length") or self.meta(
+      f"{arch}.rope.dimension_count", embed_dim // num_heads
+    )
     vocab = self.meta(f"{arch}.vocab_size") or len(self.require("tokenizer.ggml.tokens"))
-    # Every id that ends a turn: EOS, and end-of-turn / end-of-message where the model has
-    # them (Llama 3's <|eot_id|> ends a chat, not its EOS).
-    eos = tuple(sorted({int(i) for k in EOS_KEYS if (i := self.meta(k)) is not None}))
-    scaling = self.meta(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none") or "rope_freqs.weight" in self.tensors:
-      raise ValueError(
-        f"{self.path.name}: {arch}.rope.scaling.type {scaling!r} (rope scaling) is not supported"
-      )
     return ModelConfig(
       name=name,
       arch=arch,
       vocab_size=int(vocab),
       embed_dim=embed_dim,
       mlp_dim=int(a("feed_forward_length")),
-      num_layers=int(a("block_count")),
+      num_layers=num_layers,
       num_heads=num_heads,
       num_kv_heads=int(self.meta(f"{arch}.attention.head_count_kv") or num_heads),
-      head_dim=int(self.meta(f"{arch}.rope.dimension_count") or embed_dim // num_heads),
+      head_dim=int(head_dim),
       rope_theta=float(self.meta(f"{arch}.rope.freq_base", 10000.0)),
       norm_eps=float(a("attention.layer_norm_rms_epsilon")),
       max_context=int(a("context_length")),
       tie_embeddings="output.weight" not in self.tensors,
       bos_token_id=self.meta("tokenizer.ggml.bos_token_id"),
-      eos_token_ids=eos,
+      eos_token_ids=self.eos_token_ids(),
+      rope_scale=self._rope_scale(arch),
+      **(self._gemma3(embed_dim, num_heads, num_layers) if arch == "gemma3" else {}),
+    )
+
+  def eos_token_ids(self) -> tuple[int, ...]:
+    """Every id that ends a turn: EOS, and end-of-turn / end-of-message where the model has
+    them (Llama 3's <|eot_id|> ends a chat, not its EOS; so does Gemma's <end_of_turn>)."""
+    eos = {int(i) for k in EOS_KEYS if (i := self.meta(k)) is not None}
+    if self.meta("tokenizer.ggml.eot_token_id") is None:
+      tokens = self.meta("tokenizer.ggml.tokens") or []
+      types = self.meta("tokenizer.ggml.token_type") or []
+      ids = {t: i for i, t in enumerate(tokens) if t in END_OF_TURN}
+      eos |= {i for i in ids.values() if i < len(types) and types[i] == _CONTROL}
+    return tuple(sorted(eos))
+
+  def _rope_scale(self, arch: str) -> float:
+    scaling = self.meta(f"{arch}.rope.scaling.type")
+    if scaling in (None, "none") and "rope_freqs.weight" not in self.tensors:
+      return 1.0
+    if scaling == "linear":
+      return float(self.require(f"{arch}.rope.scaling.factor"))
+    raise ValueError(
+      f"{self.path.name}: {arch}.rope.scaling.type {scaling!r} (rope scaling) is not supported"
+    )
+
+  def _gemma3(self, embed_dim: int, num_heads: int, num_layers: int) -> dict:
+    window = self.require("gemma3.attention.sliding_window")
+    return dict(
+      qk_norm=True,
+      post_norms=True,
+      embed_scale=embed_dim**0.5,
+      activation="gelu_tanh",
+      # query_pre_attn_scalar, which GGUF does not carry: the head dim, but E / H for the 27B
+      # model (62 layers), as llama.cpp has it.
+      query_scale=(embed_dim // num_heads) ** -0.5 if num_layers == 62 else None,
+      sliding_window=int(window),
+      sliding_layers=tuple((i + 1) % GEMMA3_GLOBAL_EVERY != 0 for i in range(num_layers)),
+      rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
     )
 
 
@@ -113,13 +161,17 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
   )
 
 
-def load_llama_weights(f: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """float32 arrays keyed and shaped like `models.llama.Llama`'s parameters."""
+def load_weights(f: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """float32 arrays keyed and shaped like `models.transformer.Transformer`'s parameters."""
   L, E, H, K, D = cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  # llama.cpp permutes q/k rows only for the `llama` architecture.
+  rows = (lambda w, heads: unpermute_rope_rows(w, heads)) if cfg.arch == "llama" else None
+  q_rows = (lambda w: rows(w, H)) if rows else (lambda w: w)
+  k_rows = (lambda w: rows(w, K)) if rows else (lambda w: w)
   per_layer = {  # our name -> (GGUF name, transform of the [out, in] matrix)
     "attn_norm": ("attn_norm", lambda w: w),
-    "wq": ("attn_q", lambda w: unpermute_rope_rows(w, H).T.reshape(E, H, D)),
-    "wk": ("attn_k", lambda w: unpermute_rope_rows(w, K).T.reshape(E, K, D)),
+    "wq": ("attn_q", lambda w: q_rows(w).T.reshape(E, H, D)),
+    "wk": ("attn_k", lambda w: k_rows(w).T.reshape(E, K, D)),
     "wv": ("attn_v", lambda w: w.T.reshape(E, K, D)),
     "wo": ("attn_output", lambda w: w.T.reshape(H, D, E)),
     "mlp_norm": ("ffn_norm", lambda w: w),
@@ -127,6 +179,13 @@ def load_llama_weights(f: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     "w_up": ("ffn_up", lambda w: w.T),
     "w_down": ("ffn_down", lambda w: w.T),
   }
+  if cfg.qk_norm:
+    per_layer |= {"q_norm": ("attn_q_norm", lambda w: w), "k_norm": ("attn_k_norm", lambda w: w)}
+  if cfg.post_norms:
+    per_layer |= {
+      "post_attn_norm": ("post_attention_norm", lambda w: w),
+      "post_mlp_norm": ("post_ffw_norm", lambda w: w),
+    }
   total = 2 + L * len(per_layer) + (0 if cfg.tie_embeddings else 1)
   start = time.perf_counter()
   out: dict[str, np.ndarray] = {}

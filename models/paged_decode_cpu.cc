@@ -51,7 +51,7 @@ inline void Prefetch(const float* k, const float* v, int64_t page, int64_t float
 // 0 takes them from `s` at run time.
 template <int64_t kD, int64_t kG>
 void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
-               const int32_t* pages, int64_t length, float* out, Scratch& w) {
+               const int32_t* pages, int64_t start, int64_t length, float* out, Scratch& w) {
   const int64_t D = kD ? kD : s.D, G = kG ? kG : s.G;
   const int64_t K = s.K, H = K * G, Z = s.Z, F = s.page_floats;
   float* scores = w.scores.data();
@@ -59,14 +59,19 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
   std::fill(acc, acc + H * D, 0.f);
   std::fill(w.max.begin(), w.max.end(), -1e30f);  // finite: -ffast-math assumes no inf
   std::fill(w.sum.begin(), w.sum.end(), 0.f);
-  // Memory runs two pages ahead of the arithmetic.
-  for (int64_t p = 0; p < 2 && p * Z < length; ++p) Prefetch(k, v, Page(s, pages, p), F);
-  for (int64_t p = 0; p * Z < length; ++p) {
+  // Memory runs two pages ahead of the arithmetic. Keys before `start` (outside a sliding
+  // window) are skipped: their pages are never read.
+  const int64_t first = start / Z;
+  for (int64_t p = first; p < first + 2 && p * Z < length; ++p) {
+    Prefetch(k, v, Page(s, pages, p), F);
+  }
+  for (int64_t p = first; p * Z < length; ++p) {
     const int64_t tokens = std::min(Z, length - p * Z);
+    const int64_t z0 = std::max<int64_t>(0, start - p * Z);  // the page's first visible key
     const float* kp = k + Page(s, pages, p) * F;
     const float* vp = v + Page(s, pages, p) * F;
     if ((p + 2) * Z < length) Prefetch(k, v, Page(s, pages, p + 2), F);
-    for (int64_t z = 0; z < tokens; ++z) {
+    for (int64_t z = z0; z < tokens; ++z) {
       for (int64_t kh = 0; kh < K; ++kh) {  // the G query heads of kv head kh share its key
         const float* key = kp + (z * K + kh) * D;
         for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -80,10 +85,10 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
     for (int64_t h = 0; h < H; ++h) {
       float* sh = scores + h * Z;
       float m = w.max[h];
-      for (int64_t z = 0; z < tokens; ++z) m = std::max(m, sh[z]);
+      for (int64_t z = z0; z < tokens; ++z) m = std::max(m, sh[z]);
       const float rescale = std::exp(w.max[h] - m);
       float total = 0.f;
-      for (int64_t z = 0; z < tokens; ++z) {
+      for (int64_t z = z0; z < tokens; ++z) {
         sh[z] = std::exp(sh[z] - m);
         total += sh[z];
       }
@@ -92,7 +97,7 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
       float* ah = acc + h * D;
       for (int64_t d = 0; d < D; ++d) ah[d] *= rescale;
     }
-    for (int64_t z = 0; z < tokens; ++z) {
+    for (int64_t z = z0; z < tokens; ++z) {
       for (int64_t kh = 0; kh < K; ++kh) {
         const float* value = vp + (z * K + kh) * D;
         for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -110,7 +115,7 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
 }
 
 using RowFn = void (*)(const Shape&, const float*, const float*, const float*, const int32_t*,
-                       int64_t, float*, Scratch&);
+                       int64_t, int64_t, float*, Scratch&);
 
 template <int64_t kD>
 RowFn ForGroup(int64_t G) {
@@ -134,9 +139,10 @@ RowFn Specialized(int64_t D, int64_t G) {
 }
 
 // q [B, H, D] (already scaled by 1/sqrt(D)); k, v [L, N, Z, K, D]; layer []; page_table
-// [B, P]; lengths [B] (tokens each row attends to; 0 = padding row) -> out [B, H, D].
-ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Lengths lengths,
-                       ffi::Result<Rows> out) {
+// [B, P]; each row attends to its keys [starts[b], lengths[b]) (a sliding window starts past
+// 0; length 0 = padding row) -> out [B, H, D].
+ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Lengths starts,
+                       Lengths lengths, ffi::Result<Rows> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   const int64_t B = qd[0], L = kd[0], N = kd[1];
   Shape s{N, qd[1], kd[3], 0, qd[2], kd[2], page_table.dimensions()[1], kd[2] * kd[3] * kd[4]};
@@ -155,9 +161,10 @@ ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Le
     Scratch scratch(s);
     for (int64_t b = first; b < B; b += stride) {
       const int64_t length = std::clamp<int64_t>(lengths.typed_data()[b], 0, s.P * s.Z);
+      const int64_t start = std::clamp<int64_t>(starts.typed_data()[b], 0, length);
       attend(s, q.typed_data() + b * s.H * s.D, k_layer, v_layer,
-             page_table.typed_data() + b * s.P, length, out->typed_data() + b * s.H * s.D,
-             scratch);
+             page_table.typed_data() + b * s.P, start, length,
+             out->typed_data() + b * s.H * s.D, scratch);
     }
   };
   // Rows are interleaved over threads (the runner sorts them longest first), at least four
@@ -180,5 +187,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePagedDecode, PagedDecode,
                                   .Arg<Pool>()  // v
                                   .Arg<Index>()  // layer
                                   .Arg<Table>()  // page_table
+                                  .Arg<Lengths>()  // starts
                                   .Arg<Lengths>()  // lengths
                                   .Ret<Rows>());  // out

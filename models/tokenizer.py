@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import jinja2
 import jinja2.sandbox
 import tokenizers
-from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
 
 # GGUF token types (llama.cpp's `llama_token_type`).
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_SPACE = "\u2581"  # sentencepiece's visible space
 
 
 def _byte_level(individual_digits: bool) -> pre_tokenizers.PreTokenizer:
@@ -54,22 +55,19 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, f) -> Tokenizer:
-    """Builds the tokenizer from a `models.gguf_loader.GGUFFile`'s metadata."""
+    """Builds the tokenizer from a `models.gguf_loader.GGUFFile`'s metadata: GPT-2 style
+    byte-level BPE (`gpt2`) or sentencepiece BPE (`llama`: Llama 2, Mistral, Gemma)."""
     kind = f.require("tokenizer.ggml.model")
-    if kind != "gpt2":
-      raise ValueError(f"{f.path.name}: tokenizer model {kind!r} is not supported yet")
-    pre = f.meta("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-      raise ValueError(f"{f.path.name}: unknown pre-tokenizer {pre!r}")
     tokens = f.require("tokenizer.ggml.tokens")
-    types = f.meta("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in f.require("tokenizer.ggml.merges")]
-    bpe = tokenizers.models.BPE(
-      vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False
-    )
-    hf = tokenizers.Tokenizer(bpe)
-    hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    hf.decoder = decoders.ByteLevel()
+    types = f.meta("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if kind == "gpt2":
+      hf = _byte_level_bpe(f, tokens)
+    elif kind == "llama":
+      hf = _sentencepiece_bpe(f, tokens, types)
+    else:
+      raise ValueError(f"{f.path.name}: tokenizer model {kind!r} is not supported yet")
+    # Control tokens are special (skipped when decoding for display); user-defined ones are
+    # ordinary text, but like them matched whole before the model's own splitting.
     specials = [
       AddedToken(t, special=ty == _CONTROL, normalized=False)
       for t, ty in zip(tokens, types, strict=True)
@@ -117,6 +115,57 @@ class Tokenizer:
       )
     except jinja2.exceptions.TemplateError as e:  # e.g. the template's own raise_exception
       raise ValueError(f"messages: the chat template refused them: {e}") from None
+
+
+def _byte_level_bpe(f, tokens: list[str]) -> tokenizers.Tokenizer:
+  pre = f.meta("tokenizer.ggml.pre", "default")
+  if pre not in PRE_TOKENIZERS:
+    raise ValueError(f"{f.path.name}: unknown pre-tokenizer {pre!r}")
+  merges = [tuple(m.split(" ", 1)) for m in f.require("tokenizer.ggml.merges")]
+  bpe = tokenizers.models.BPE(
+    vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False
+  )
+  hf = tokenizers.Tokenizer(bpe)
+  hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
+  hf.decoder = decoders.ByteLevel()
+  return hf
+
+
+def _sentencepiece_bpe(f, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+  """Sentencepiece BPE as llama.cpp runs it: spaces become U+2581, and adjacent pieces merge
+  best score first; a character outside the vocabulary falls back to its <0xNN> bytes.
+
+  GGUF stores scores, not merges, so the merges are derived: every split of a normal piece into
+  two normal pieces is a merge, ranked by the merged piece's score."""
+  scores = f.require("tokenizer.ggml.scores")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  normal = [ty == _NORMAL for ty in types]
+  merges = []
+  for i, piece in enumerate(tokens):
+    if not normal[i]:
+      continue
+    for cut in range(1, len(piece)):
+      left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
+      if left is not None and right is not None and normal[left] and normal[right]:
+        merges.append((-scores[i], i, piece[:cut], piece[cut:]))
+  merges.sort()
+  unk = f.meta("tokenizer.ggml.unknown_token_id")
+  bpe = tokenizers.models.BPE(
+    vocab=vocab,
+    merges=[(left, right) for *_, left, right in merges],
+    unk_token=None if unk is None else tokens[int(unk)],
+    fuse_unk=True,
+    byte_fallback=True,
+  )
+  hf = tokenizers.Tokenizer(bpe)
+  decode = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if f.meta("tokenizer.ggml.add_space_prefix", True):  # Llama 2, Mistral: "▁" before the text
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(_SPACE, prepend_scheme="first", split=False)
+    decode.append(decoders.Strip(" ", 1, 0))
+  else:  # Gemma
+    hf.normalizer = normalizers.Replace(" ", _SPACE)
+  hf.decoder = decoders.Sequence(decode)
+  return hf
 
 
 def _raise(message: str):

@@ -272,10 +272,10 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
 def _abstract_model(config, layout, mesh, chip):
   from flax import nnx
 
-  from models import AttentionBackend, Llama
+  from models import AttentionBackend, Transformer
 
   attention = AttentionBackend("pallas" if chip != "cpu" else "xla")
-  module = nnx.eval_shape(lambda: Llama(config, attention))
+  module = nnx.eval_shape(lambda: Transformer(config, attention))
   graphdef, abstract = nnx.split(module)
   shardings = param_shardings(abstract, layout, mesh)
 

@@ -111,14 +111,14 @@ def test_every_end_of_turn_id_is_an_eos(tmp_path):
 
 
 def test_unused_tensors_and_rope_scaling_are_refused_by_name(tmp_path):
-  from models.gguf_loader import load_llama_weights
+  from models.gguf_loader import load_weights
 
   f = _tiny_gguf(tmp_path / "ok.gguf")
-  weights = load_llama_weights(f, f.config("tiny"))
+  weights = load_weights(f, f.config("tiny"))
   assert weights["wq"].shape == (1, 8, 2, 4) and "lm_head" not in weights  # tied
   f = _tiny_gguf(tmp_path / "extra.gguf", extra_tensors=[("blk.0.attn_q.bias", (8,))])
   with pytest.raises(ValueError, match=r"does not use: blk\.0\.attn_q\.bias"):
-    load_llama_weights(f, f.config("tiny"))
+    load_weights(f, f.config("tiny"))
   f = _tiny_gguf(tmp_path / "yarn.gguf", meta=[("llama.rope.scaling.type", "yarn")])
   with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
     f.config("tiny")

@@ -1,7 +1,12 @@
-"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2-style GQA) as one Flax NNX module.
+"""Every supported family (Llama, Mistral, Qwen2, Gemma 3) as one Flax NNX decoder.
+
+The families differ in a few switches of `ModelConfig` (biases, QK-norm, norms around each
+block, the embedding scale, the MLP's activation, sliding-window layers), not in structure, so
+they share one layer body: a fix or a kernel reaches all of them at once.
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so XLA compiles one
-layer body whatever the depth. Every parameter is declared once, in `Llama.__init__`, with its
+layer body whatever the depth; what differs per layer (a sliding window, its RoPE base) is data
+the scan carries along. Every parameter is declared once, in `Transformer.__init__`, with its
 shape and logical axis names; `sharding/` maps those names to mesh axes.
 
 Letters: B batch, T query tokens, S key tokens, L layers, E embed, H query heads, K kv heads,
@@ -18,14 +23,18 @@ from flax import nnx
 from models.attention import AttentionBackend, KVCache, cache_slots
 from models.config import ModelConfig
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
 
 def _param(shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
   assert len(shape) == len(axes), (shape, axes)
   return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
-class Llama(nnx.Module):
-  """Decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP."""
+class Transformer(nnx.Module):
+  """Decoder-only transformer: RMSNorm, RoPE, GQA attention, gated MLP, and the extras the
+  config switches on. Norm weights are the factor applied (Gemma's checkpoints store it less
+  one; the loaders add it back)."""
 
   def __init__(self, cfg: ModelConfig, attention: AttentionBackend | None = None):
     self.cfg, self.attention = cfg, attention or AttentionBackend()
@@ -44,6 +53,16 @@ class Llama(nnx.Module):
     self.final_norm = _param((E,), dt, ("norm",))
     if not cfg.tie_embeddings:
       self.lm_head = _param((E, V), dt, ("embed", "vocab"))
+    if cfg.qkv_bias:
+      self.bq = _param((L, H, D), dt, ("layers", "heads", "head_dim"))
+      self.bk = _param((L, K, D), dt, ("layers", "kv_heads", "head_dim"))
+      self.bv = _param((L, K, D), dt, ("layers", "kv_heads", "head_dim"))
+    if cfg.qk_norm:
+      self.q_norm = _param((L, D), dt, ("layers", "head_dim"))
+      self.k_norm = _param((L, D), dt, ("layers", "head_dim"))
+    if cfg.post_norms:
+      self.post_attn_norm = _param((L, E), dt, ("layers", "norm"))
+      self.post_mlp_norm = _param((L, E), dt, ("layers", "norm"))
 
   def __call__(
     self,
@@ -59,41 +78,70 @@ class Llama(nnx.Module):
     and the updated cache."""
     cfg = self.cfg
     x = self.embed[...][tokens].astype(cfg.dtype)  # [B, T, E]
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    layers = dict(
-      attn_norm=self.attn_norm[...],
-      wq=self.wq[...],
-      wk=self.wk[...],
-      wv=self.wv[...],
-      wo=self.wo[...],
-      mlp_norm=self.mlp_norm[...],
-      w_gate=self.w_gate[...],
-      w_up=self.w_up[...],
-      w_down=self.w_down[...],
-    )
+    if cfg.embed_scale != 1.0:
+      x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)  # in the weights' dtype, as trained
+    windows = cfg.layer_windows
+    local = jnp.asarray([w > 0 for w in windows])  # [L]
+    mixed = 0 < sum(w > 0 for w in windows) < cfg.num_layers  # else every layer is alike
+    window = cfg.sliding_window if any(windows) else None
+    rope_global = rope_tables(positions / cfg.rope_scale, cfg.head_dim, cfg.rope_theta)
+    rope_local = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+    # The kernels scale q.k by D ** -0.5; a family with its own scale folds the ratio into q.
+    q_scale = 1.0 if cfg.query_scale is None else cfg.query_scale * cfg.head_dim**0.5
+    activation = ACTIVATIONS[cfg.activation]
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    names += ["bq", "bk", "bv"] if cfg.qkv_bias else []
+    names += ["q_norm", "k_norm"] if cfg.qk_norm else []
+    names += ["post_attn_norm", "post_mlp_norm"] if cfg.post_norms else []
+    layers = {name: getattr(self, name)[...] for name in names}
 
     slots = None if cache is None else cache_slots(positions, page_table, cache.page_size)
 
+    def project(h, w, b, spec):
+      out = jnp.einsum(spec, h, w)
+      return out if b is None else out + b
+
     def layer(carry, xs):
       x, kv = carry
-      w, i = xs
+      w, i, is_local = xs
       with jax.named_scope("attention"):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-        q = apply_rope(jnp.einsum("BTE,EHD->BTHD", h, w["wq"]), cos, sin)
-        k = apply_rope(jnp.einsum("BTE,EKD->BTKD", h, w["wk"]), cos, sin)
-        v = jnp.einsum("BTE,EKD->BTKD", h, w["wv"])
+        q = project(h, w["wq"], w.get("bq"), "BTE,EHD->BTHD")
+        k = project(h, w["wk"], w.get("bk"), "BTE,EKD->BTKD")
+        v = project(h, w["wv"], w.get("bv"), "BTE,EKD->BTKD")
+        if cfg.qk_norm:
+          q, k = rms_norm(q, w["q_norm"], cfg.norm_eps), rms_norm(k, w["k_norm"], cfg.norm_eps)
+        if mixed:
+          cos, sin = (
+            jnp.where(is_local, a, b) for a, b in zip(rope_local, rope_global, strict=True)
+          )
+        else:
+          cos, sin = rope_local if windows[0] else rope_global
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_scale != 1.0:
+          q = q * jnp.asarray(q_scale, q.dtype)
         if kv is not None:
           kv = kv.write(i, slots, k, v)
-        attn = self.attention(q, k, v, positions, kv, i, page_table)
-        x = x + jnp.einsum("BTHD,HDE->BTE", attn, w["wo"])
+        attn = self.attention(
+          q, k, v, positions, kv, i, page_table,
+          window=window, local=is_local if mixed else None,
+        )  # fmt: skip
+        out = jnp.einsum("BTHD,HDE->BTE", attn, w["wo"])
+        if cfg.post_norms:
+          out = rms_norm(out, w["post_attn_norm"], cfg.norm_eps)
+        x = x + out
       with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        gate = jax.nn.silu(jnp.einsum("BTE,EF->BTF", h, w["w_gate"]))
+        gate = activation(jnp.einsum("BTE,EF->BTF", h, w["w_gate"]))
         up = jnp.einsum("BTE,EF->BTF", h, w["w_up"])
-        x = x + jnp.einsum("BTF,FE->BTE", gate * up, w["w_down"])
+        out = jnp.einsum("BTF,FE->BTE", gate * up, w["w_down"])
+        if cfg.post_norms:
+          out = rms_norm(out, w["post_mlp_norm"], cfg.norm_eps)
+        x = x + out
       return (x, kv), None
 
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), (layers, jnp.arange(cfg.num_layers)))
+    xs = (layers, jnp.arange(cfg.num_layers), local)
+    (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
     if logits_at is not None:  # skip the vocab projection of tokens nobody samples from
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, E]
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
@@ -103,6 +151,7 @@ class Llama(nnx.Module):
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """Over the last axis; weight has that axis's size."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
