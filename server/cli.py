@@ -13,7 +13,10 @@ log = logging.getLogger("meshserve")
 
 # --model defaults to models.DEFAULT_MODEL, looked up only by the commands that load a model:
 # importing `models` imports jax, which `meshserve client` does not need.
-MODEL_HELP = "model name, .gguf path or Orbax dir (default: smollm2-135m-instruct)"
+MODEL_HELP = (
+  "smollm2-135m-instruct (default) or gemma3-270m, a .gguf file, a Hugging Face checkpoint "
+  "directory or an Orbax checkpoint"
+)
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
   )
   lay.add_argument(
     "--model", default=None,
-    help="a preset (llama3-8b, llama3-70b, qwen2.5-7b: shapes only), a registered model or .gguf",
+    help="a preset (llama3-8b, llama3-70b, qwen2.5-7b, gemma3-27b: shapes only), a registered "
+    "model, a .gguf file or a Hugging Face checkpoint directory (its config only)",
   )  # fmt: skip
   lay.add_argument("--target", default="tpu:v5e:2x4", help="tpu:CHIP:TOPOLOGY or cpu:N")
   lay.add_argument(
@@ -313,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
   lay.set_defaults(func=_layouts)
 
   conv = sub.add_parser("convert", help="write an Orbax checkpoint of a model")
-  conv.add_argument("src", help="model name or .gguf path")
+  conv.add_argument("src", help="model name, .gguf file or Hugging Face checkpoint directory")
   conv.add_argument("dst", help="new or empty directory")
   _add_device_flags(conv)
   conv.set_defaults(func=_convert)

@@ -55,12 +55,13 @@ def presets() -> dict:
   """Shape-only model configs of public checkpoints (config.json numbers); no weights."""
   from models import ModelConfig
 
-  def llama(name, vocab, embed, mlp, layers, heads, kv, theta, eps, bos, eos, context, tie=False):
+  def llama(name, vocab, embed, mlp, layers, heads, kv, theta, eps, bos, eos, context, **more):
     return ModelConfig(
-      name=name, arch="llama", vocab_size=vocab, embed_dim=embed, mlp_dim=mlp,
-      num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=embed // heads,
-      rope_theta=theta, norm_eps=eps, max_context=context, tie_embeddings=tie,
-      bos_token_id=bos, eos_token_ids=eos,
+      name=name, arch=more.pop("arch", "llama"), vocab_size=vocab, embed_dim=embed, mlp_dim=mlp,
+      num_layers=layers, num_heads=heads, num_kv_heads=kv,
+      head_dim=more.pop("head_dim", embed // heads), rope_theta=theta, norm_eps=eps,
+      max_context=context, tie_embeddings=more.pop("tie", False), bos_token_id=bos,
+      eos_token_ids=eos, **more,
     )  # fmt: skip
 
   return {
@@ -70,9 +71,49 @@ def presets() -> dict:
     "llama3-70b": llama(
       "llama3-70b", 128256, 8192, 28672, 80, 64, 8, 5e5, 1e-5, 128000, (128001, 128009), 8192
     ),
-    # Qwen2.5 is Llama-shaped but for q/k/v biases (28 * 4608 parameters, left out here).
     "qwen2.5-7b": llama(
-      "qwen2.5-7b", 152064, 3584, 18944, 28, 28, 4, 1e6, 1e-6, None, (151645, 151643), 32768
+      "qwen2.5-7b",
+      152064,
+      3584,
+      18944,
+      28,
+      28,
+      4,
+      1e6,
+      1e-6,
+      None,
+      (151645, 151643),
+      32768,
+      arch="qwen2",
+      qkv_bias=True,
+    ),
+    # The text model of Gemma 3 27B: five sliding-window layers (1024 tokens) to each global
+    # one, RoPE scaled 8x on the global layers, query scale 168 ** -0.5.
+    "gemma3-27b": llama(
+      "gemma3-27b",
+      262208,
+      5376,
+      21504,
+      62,
+      32,
+      16,
+      1e6,
+      1e-6,
+      2,
+      (1, 106),
+      131072,
+      arch="gemma3",
+      head_dim=128,
+      tie=True,
+      qk_norm=True,
+      post_norms=True,
+      embed_scale=5376**0.5,
+      activation="gelu_tanh",
+      query_scale=168**-0.5,
+      rope_scale=8.0,
+      sliding_window=1024,
+      sliding_layers=tuple((i + 1) % 6 != 0 for i in range(62)),
+      rope_local_theta=1e4,
     ),
   }
 
@@ -214,9 +255,12 @@ def _config(model):
   table = presets()
   if model in table:
     return table[model]
+  from models import hf_loader
   from models.gguf_loader import GGUFFile
   from models.loader import resolve
 
+  if hf_loader.is_hf_dir(model):  # its config.json only
+    return hf_loader.read_config(pathlib.Path(model), pathlib.Path(model).name)
   name, path = resolve(model)  # a registered name or a .gguf path: its metadata only
   return GGUFFile(path).config(name)
 

@@ -1,6 +1,10 @@
 """Gemma 3 270M (sliding-window and global layers) against HF transformers float32 on the same
 GGUF file, through the no-cache forward, the engine, and the Pallas kernels' window path."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import assert_greedy_equal, variant
@@ -105,3 +109,15 @@ def test_a_window_shorter_than_the_context_is_honoured_by_every_path(gemma, atte
   assert again.num_cached_tokens == 16
   for out in (first, again):
     assert_greedy_equal(small, prompt, expected, out.token_ids)
+
+
+def test_cli_generate_continues_the_prompt(gemma_golden):
+  """The command of the issue, as a user runs it: the reference's greedy words come out."""
+  command = [sys.executable, "-m", "server.cli", "generate", "--model", "gemma3-270m"]
+  command += ["--prompt", "The capital of France is", "--max-tokens", "8"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-2000:]
+  expected = " the capital of the country of France."  # the reference's first 8 greedy tokens
+  assert gemma_golden.case(0)["greedy_text"].startswith(expected)
+  assert done.stdout.strip() == expected.strip()

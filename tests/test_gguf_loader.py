@@ -133,3 +133,17 @@ def test_text_prompts_get_bos_where_the_tokenizer_asks(model, monkeypatch):
   monkeypatch.setattr(model.tokenizer, "add_bos", True)
   with_bos = llm.generate("Hello", SamplingParams(max_tokens=1))[0].prompt_token_ids
   assert with_bos == [model.config.bos_token_id, *plain]
+
+
+def test_an_unsupported_quant_type_is_refused_by_tensor_name(tmp_path):
+  import gguf
+
+  w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
+  block = np.zeros((1, 18), np.uint8)  # one IQ4_NL block: 32 weights in 18 bytes
+  w.add_tensor("blk.0.attn_q.weight", block, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match="blk.0.attn_q.weight: unsupported GGUF tensor type IQ4_NL"):
+    GGUFFile(tmp_path / "iq.gguf").tensor("blk.0.attn_q.weight")

@@ -33,6 +33,16 @@ def analytic_weight_bytes(cfg, tp: int, itemsize: int = 2) -> float:
   return (split / tp + whole) * itemsize
 
 
+@pytest.mark.parametrize(
+  "name, published",
+  [("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9), ("qwen2.5-7b", 7.62e9), ("gemma3-27b", 27.01e9)],
+)
+def test_presets_have_the_published_parameter_counts(name, published):
+  """The shape-only presets are the real models: parameter counts of their checkpoints
+  (Gemma 3 27B: its text model, without the vision tower)."""
+  assert abs(ex.presets()[name].num_params() / published - 1) < 0.005
+
+
 def test_parse_layouts():
   assert ex.parse_layouts("tp=8,dp=2,tp=4,dp=4,tp=2") == ["tp=8", "dp=2,tp=4", "dp=4,tp=2"]
   assert ex.parse_layouts("tp=2,dp=2; tp=4") == ["tp=2,dp=2", "tp=4"]
