@@ -61,13 +61,14 @@ class EngineConfig:
     return _powers_of_two(1, self.max_model_len // self.page_size)
 
   def step_shape(
-    self, lengths: Sequence[int], pages: Sequence[int], *, prefill: bool
+    self, lengths: Sequence[int], pages: Sequence[int], *, prefill: bool, rows: int | None = None
   ) -> tuple[int, int, int]:
     """The (B, T, P) of a call over chunks of these token `lengths` whose page tables hold
-    `pages` pages."""
+    `pages` pages, in `rows` rows (default: one a chunk)."""
+    rows = len(lengths) if rows is None else rows
     if not prefill:
-      return bucket(len(lengths), self.batch_buckets), 1, self.page_buckets[-1]
-    B = bucket(len(lengths), self.prefill_row_buckets)
+      return bucket(rows, self.batch_buckets), 1, self.page_buckets[-1]
+    B = bucket(rows, self.prefill_row_buckets)
     return B, bucket(max(lengths), self.prefill_buckets), bucket(max(pages), self.page_buckets)
 
   @property

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 
 from engine.config import EngineConfig
-from engine.kv_manager import PageAllocator
+from engine.kv_manager import PageAllocator, ReplicaAllocator
 from engine.output import RequestDelta, TextStream, TokenLogprob
 from engine.request import Request, RequestState
 from engine.runner import Runner
@@ -53,11 +53,22 @@ class Engine:
       raise ValueError(f"role: {role!r} is not one of {', '.join(ROLES)}")
     self.model, self.config, self.role = model, config, role
     self.tokenizer = model.tokenizer
-    self.allocator = PageAllocator(
-      config.num_pages, config.page_size, prefix_caching=config.prefix_caching
-    )
+    # Data parallel replicas each keep their own slice of the pool (colocated engines; a
+    # stage keeps one pool, split as the rules say, for page lists that cross stages).
+    replicas = model.layout.data if model.layout is not None and role == "colocated" else 1
+    if replicas > 1:
+      if config.max_batch % replicas:
+        raise ValueError(f"max_batch ({config.max_batch}) must be a multiple of dp ({replicas})")
+      self.allocator = ReplicaAllocator(
+        config.num_pages, config.page_size, replicas=replicas,
+        prefix_caching=config.prefix_caching,
+      )  # fmt: skip
+    else:
+      self.allocator = PageAllocator(
+        config.num_pages, config.page_size, prefix_caching=config.prefix_caching
+      )
     self.scheduler = Scheduler(self.allocator, config)
-    self.runner = Runner(model, config)
+    self.runner = Runner(model, config, replicas)
     self.requests: dict[str, Request] = {}  # unfinished, by id
     self._ids = itertools.count()
     self._seeds = random.Random(config.seed)

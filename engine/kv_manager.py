@@ -7,6 +7,10 @@ A page whose count drops to zero keeps its cached contents and joins the free qu
 only overwritten when it reaches the front of the queue again (least recently freed first).
 
 Page 0 is never handed out: padding tokens write there.
+
+Under data parallelism each replica holds only its own slice of the pool, so `ReplicaAllocator`
+keeps one `PageAllocator` per replica, with page numbers local to the replica's slice, and
+assigns each request to one replica for life.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class PageAllocator:
     self.tables: dict[str, list[int]] = {}  # request id -> page table
     self.keys: dict[str, list[bytes]] = {}  # request id -> hashes of its committed full pages
 
+  replicas = 1
+
   @property
   def num_free(self) -> int:
     return len(self.free_queue)
@@ -50,11 +56,11 @@ class PageAllocator:
   def table(self, request_id: str) -> list[int]:
     return self.tables.get(request_id, [])
 
-  def match_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
-    """Adopts the cached pages holding a prefix of `token_ids` as the start of a new
-    request's table; returns the number of tokens they hold. The last token is always left
-    to compute, since its logits are needed."""
-    assert request_id not in self.tables, request_id
+  def replica_of(self, request_id: str) -> int:
+    return 0
+
+  def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    """The cached pages holding a prefix of `token_ids` (never its last token), and keys."""
     pages: list[int] = []
     keys: list[bytes] = []
     if self.prefix_caching:
@@ -64,6 +70,16 @@ class PageAllocator:
           break
         pages.append(page)
         keys.append(key)
+    return pages, keys
+
+  def match_prefix(
+    self, request_id: str, token_ids: Sequence[int], replicas: Sequence[int] = (0,)
+  ) -> int:
+    """Adopts the cached pages holding a prefix of `token_ids` as the start of a new
+    request's table; returns the number of tokens they hold. The last token is always left
+    to compute, since its logits are needed. (`replicas`: see ReplicaAllocator.)"""
+    assert request_id not in self.tables, request_id
+    pages, keys = self._cached_prefix(token_ids)
     for page in pages:
       self._ref(page)
     self.tables[request_id] = pages
@@ -115,3 +131,62 @@ class PageAllocator:
     if self.refs[page] == 0:
       del self.free_queue[page]
     self.refs[page] += 1
+
+
+class ReplicaAllocator:
+  """One PageAllocator per data replica, over its own slice of the pool: replica r holds pool
+  pages [r * n, (r + 1) * n), numbered 0..n-1 in its tables (its page 0 is its sink). A request
+  stays on the replica it was admitted to; the step places its row there."""
+
+  def __init__(self, num_pages: int, page_size: int, *, replicas: int, prefix_caching: bool):
+    if num_pages % replicas:
+      raise ValueError(f"num_pages ({num_pages}) must be a multiple of dp ({replicas})")
+    self.replicas, self.page_size = replicas, page_size
+    self.num_pages = num_pages
+    self.parts = [
+      PageAllocator(num_pages // replicas, page_size, prefix_caching=prefix_caching)
+      for _ in range(replicas)
+    ]
+    self.assigned: dict[str, int] = {}  # request id -> its replica
+
+  @property
+  def num_free(self) -> int:
+    return sum(part.num_free for part in self.parts)
+
+  @property
+  def tables(self) -> dict[str, list[int]]:
+    return {rid: t for part in self.parts for rid, t in part.tables.items()}
+
+  def replica_of(self, request_id: str) -> int:
+    return self.assigned[request_id]
+
+  def table(self, request_id: str) -> list[int]:
+    replica = self.assigned.get(request_id)
+    return [] if replica is None else self.parts[replica].table(request_id)
+
+  def match_prefix(
+    self, request_id: str, token_ids: Sequence[int], replicas: Sequence[int] | None = None
+  ) -> int:
+    """Assigns the request to one of `replicas` (default: any): the one caching the longest
+    prefix of it, then the one with the most free pages; then adopts that prefix."""
+    candidates = range(self.replicas) if replicas is None else replicas
+
+    def score(r: int) -> tuple[int, int]:
+      return len(self.parts[r]._cached_prefix(token_ids)[0]), self.parts[r].num_free
+
+    replica = max(candidates, key=score)
+    self.assigned[request_id] = replica
+    return self.parts[replica].match_prefix(request_id, token_ids)
+
+  def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
+    if request_id not in self.assigned:
+      self.assigned[request_id] = max(range(self.replicas), key=lambda r: self.parts[r].num_free)
+    return self.parts[self.assigned[request_id]].allocate(request_id, num_tokens)
+
+  def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+    self.parts[self.assigned[request_id]].commit(request_id, token_ids, num_computed)
+
+  def free(self, request_id: str) -> None:
+    replica = self.assigned.pop(request_id, None)
+    if replica is not None:
+      self.parts[replica].free(request_id)

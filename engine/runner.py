@@ -43,10 +43,16 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
   """Where a sharded model's step keeps its results: the KV pool stays split as it came in,
-  and what the host reads back is replicated, so every process can read all of it."""
+  and the sampled rows the host reads back are replicated, so every process can read them.
+
+  replicas > 1: the pool's pages are split over `data`, one slice per replica, and the step
+  runs as `replicas` independent models (a shard_map over `data`; `model` stays XLA's to
+  partition): each replica's rows read and write only its own slice, with page numbers local
+  to it, so no KV ever crosses between replicas."""
 
   cache: NamedSharding
   replicated: NamedSharding
+  replicas: int = 1
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
@@ -70,11 +76,28 @@ def model_step(
   shardings: StepShardings | None = None,
 ):  # fmt: skip
   """(Sampled rows, logits at `logits_at` [B, V] float32, updated cache)."""
-  model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens, positions, cache, page_table, logits_at=logits_at)
-  sampled = sample(logits, sampling, step)
+
+  def run(state, cache, tokens, positions, page_table, logits_at, sampling, step):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, positions, cache, page_table, logits_at=logits_at)
+    return sample(logits, sampling, step), logits, cache
+
+  if shardings is not None and shardings.replicas > 1:
+    rows, pages = PartitionSpec("data"), PartitionSpec(None, "data")
+    run = jax.shard_map(
+      run,
+      in_specs=(PartitionSpec(), pages, rows, rows, rows, rows, rows, rows),
+      out_specs=(rows, rows, pages),
+      axis_names={"data"},
+      check_vma=False,
+    )
+  sampled, logits, cache = run(
+    state, cache, tokens, positions, page_table, logits_at, sampling, step
+  )
   if shardings is not None:
-    sampled, logits = jax.lax.with_sharding_constraint((sampled, logits), shardings.replicated)
+    # The sampled rows are small and every process reads them; the logits [B, V] stay where
+    # their rows are (gathering them would cost a step an all-gather of B x V floats).
+    sampled = jax.lax.with_sharding_constraint(sampled, shardings.replicated)
     cache = jax.lax.with_sharding_constraint(cache, shardings.cache)
   return sampled, logits, cache
 
@@ -102,17 +125,21 @@ class Runner:
   between the pools, and so may the layouts. Padding entries of the page list are page 0, the
   sink, on both sides."""
 
-  def __init__(self, model: Model, config: EngineConfig):
-    self.model, self.config = model, config
+  def __init__(self, model: Model, config: EngineConfig, replicas: int = 1):
+    """replicas > 1: a pool slice per `data` replica (see StepShardings); the allocator's
+    tables then number pages within each replica's slice (engine.kv_manager)."""
+    self.model, self.config, self.replicas = model, config, replicas
     cfg = model.config
     self.shardings = None
     if model.mesh is None:
       self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size)
     else:
       shape = (cfg.num_layers, config.num_pages, config.page_size, cfg.num_kv_heads, cfg.head_dim)
+      cache = kv_cache_sharding(shape, model.layout, model.mesh)
+      if replicas > 1 and cache.spec[1] != "data":
+        raise ValueError(f"dp={replicas} pools: the rules must split `pages` over `data`")
       self.shardings = StepShardings(
-        cache=kv_cache_sharding(shape, model.layout, model.mesh),
-        replicated=NamedSharding(model.mesh, PartitionSpec()),
+        cache=cache, replicated=NamedSharding(model.mesh, PartitionSpec()), replicas=replicas
       )
       zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size)
       self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
@@ -180,7 +207,7 @@ class Runner:
     `cancel` is set, no new shape starts (the ones compiling finish)."""
     from tqdm import tqdm
 
-    todo = [s for s in (shapes or self.config.step_shapes) if s not in self.executables]
+    todo = [s for s in (shapes or self.step_shapes) if s not in self.executables]
     if not todo:
       return 0
     start = time.perf_counter()
@@ -208,6 +235,11 @@ class Runner:
       "; cancelled" if compiled < len(todo) else "",
     )  # fmt: skip
     return compiled
+
+  @property
+  def step_shapes(self) -> tuple[tuple[int, int, int], ...]:
+    """The config's step shapes this runner can dispatch: with replicas, rows split evenly."""
+    return tuple(s for s in self.config.step_shapes if s[0] % self.replicas == 0)
 
   def step(
     self,
@@ -238,11 +270,11 @@ class Runner:
       # Longest first: decode attention walks groups of rows only as far as they reach.
       decodes = sorted(schedule.decodes, key=lambda c: -c.start)
       calls.append((decodes, self._inputs(decodes, allocator, prefill=False)))
-    dispatched = [self._dispatch(*inputs)[0] for _, inputs in calls]
-    self.last_shapes = tuple((*inputs[0].shape, inputs[2].shape[1]) for _, inputs in calls)
+    dispatched = [self._dispatch(*inputs)[0] for _, (inputs, _) in calls]
+    self.last_shapes = tuple((*inputs[0].shape, inputs[2].shape[1]) for _, (inputs, _) in calls)
     results = []
-    for (chunks, _), sampled in zip(calls, jax.device_get(dispatched), strict=True):
-      for i, chunk in enumerate(chunks):
+    for (chunks, (_, rows)), sampled in zip(calls, jax.device_get(dispatched), strict=True):
+      for i, chunk in zip(rows, chunks, strict=True):
         if chunk.completes:
           row = Sampled(
             sampled.tokens[i], sampled.logprob[i], sampled.top_ids[i], sampled.top_logprobs[i]
@@ -250,30 +282,56 @@ class Runner:
           results.append((chunk, row))
     return results
 
+  def _rows(self, chunks: list[Chunk], allocator, prefill: bool) -> tuple[list[int], int]:
+    """The batch row of each chunk, and how many rows the call needs: in order with one pool;
+    with replicas, replica r's chunks fill rows from r * B / replicas on (B = replicas times the
+    busiest replica's count, then bucketed)."""
+    if self.replicas == 1:
+      return list(range(len(chunks))), len(chunks)
+    replica = [allocator.replica_of(c.request.request_id) for c in chunks]
+    counts = collections.Counter(replica)
+    n = self.replicas * max(counts.values())
+    buckets = (
+      self.config.batch_buckets if chunks[0].length == 1 else self.config.prefill_row_buckets
+    )
+    per_replica = bucket(n, buckets) // self.replicas
+    seen = collections.Counter()
+    rows = []
+    for r in replica:
+      rows.append(r * per_replica + seen[r])
+      seen[r] += 1
+    return rows, n
+
   def _inputs(self, chunks: list[Chunk], allocator: PageAllocator, *, prefill: bool):
+    """The host arrays of one call over `chunks`, and the row each chunk took."""
     tables = [allocator.table(c.request.request_id) for c in chunks]
+    rows, n = self._rows(chunks, allocator, prefill)
     lengths, pages = [c.length for c in chunks], [len(t) for t in tables]
-    B, T, P = self.config.step_shape(lengths, pages, prefill=prefill)
+    B, T, P = self.config.step_shape(lengths, pages, prefill=prefill, rows=n)
     tokens = np.zeros((B, T), np.int32)
     positions = np.full((B, T), -1, np.int32)
     page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page
     logits_at = np.zeros(B, np.int32)
     sample_index = np.zeros(B, np.int32)
-    for i, (c, table) in enumerate(zip(chunks, tables, strict=True)):
+    for i, c, table in zip(rows, chunks, tables, strict=True):
       tokens[i, : c.length] = c.request.token_ids[c.start : c.start + c.length]
       positions[i, : c.length] = np.arange(c.start, c.start + c.length)
       page_table[i, : len(table)] = table
       logits_at[i] = c.length - 1
       sample_index[i] = c.request.num_output
-    requests = [c.request for c in chunks]
+    # The sampling rows in batch order; padding rows get defaults.
+    requests = [None] * B
+    for i, c in zip(rows, chunks, strict=True):
+      requests[i] = c.request
+    padding = SamplingParams()
     sampling = self._sampling(
-      [r.params for r in requests],
-      [r.seed for r in requests],
+      [r.params if r else padding for r in requests],
+      [r.seed if r else 0 for r in requests],
       B,
-      [r.token_ids for r in requests],
-      [r.prompt_len for r in requests],
+      [r.token_ids if r else [] for r in requests],
+      [r.prompt_len if r else 0 for r in requests],
     )
-    return tokens, positions, page_table, logits_at, sampling, sample_index
+    return (tokens, positions, page_table, logits_at, sampling, sample_index), rows
 
   def _sampling(self, params, seeds, B, histories=(), prompt_lens=()) -> SamplingBatch:
     width = self.config.max_model_len

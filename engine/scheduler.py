@@ -8,6 +8,11 @@ are then admitted in arrival order while the budget, the batch and the page pool
 When the pool cannot grow a running request, the newest running request is preempted: its
 pages are freed and it goes back to the front of the queue with its output kept, to be
 recomputed (its full pages usually come straight back from the prefix cache).
+
+Under data parallelism with a pool per replica (`ReplicaAllocator`) every request lives on one
+replica, which holds its pages and its row: a replica takes at most max_batch / dp rows, a
+step's calls are padded to dp times the busiest replica's rows, and only a request of the same
+replica is preempted to make room.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class Scheduler:
     cfg = self.config
     budget = cfg.max_num_batched_tokens
     out = Schedule([], [], [])
+    replicas, replica_of = self.allocator.replicas, self.allocator.replica_of
+    prefill_rows = [0] * replicas  # this step's prefill chunks, per replica
 
     width = self._prefill_width()
 
@@ -85,7 +92,9 @@ class Scheduler:
       length = min(request.num_tokens - request.num_computed, budget)
       if length == 1:
         return 1
-      rows = len(out.prefills) + 1
+      counts = list(prefill_rows)
+      counts[replica_of(request.request_id)] += 1
+      rows = replicas * max(counts)  # each replica's block of rows is padded to the busiest
       if rows > cfg.prefill_row_buckets[-1]:
         return 0
       if bucket(rows, cfg.prefill_row_buckets) * width > cfg.max_num_batched_tokens:
@@ -96,6 +105,8 @@ class Scheduler:
       nonlocal budget
       chunk = Chunk(request, request.num_computed, length)
       (out.decodes if length == 1 else out.prefills).append(chunk)
+      if length > 1:
+        prefill_rows[replica_of(request.request_id)] += 1
       budget -= length
 
     i = 0
@@ -106,7 +117,8 @@ class Scheduler:
         i += 1  # its next chunk waits a step
         continue
       while self.allocator.allocate(request.request_id, request.num_computed + length) is None:
-        victim = self.running.pop()
+        victim = self._newest_beside(request)
+        self.running.remove(victim)
         self._preempt(victim)
         out.preempted.append(victim)
         if victim is request:
@@ -115,8 +127,10 @@ class Scheduler:
         take(request, length)
         i += 1
         continue
-      break  # the request itself was preempted: it was the newest, nothing is left
+      # The request itself was preempted (it was its replica's newest); the requests after
+      # it, on other replicas, still run.
 
+    rows_per_replica = cfg.max_batch // replicas
     while (
       self.waiting
       and budget > 0
@@ -125,7 +139,13 @@ class Scheduler:
     ):
       request, cached = self.waiting[0], 0
       if request.num_computed == 0:  # else its KV came from a prefill stage (disaggregated)
-        cached = self.allocator.match_prefix(request.request_id, request.token_ids)
+        rows = [0] * replicas
+        for r in self.running:
+          rows[replica_of(r.request_id)] += 1
+        room = [r for r in range(replicas) if rows[r] < rows_per_replica]
+        if not room:
+          break
+        cached = self.allocator.match_prefix(request.request_id, request.token_ids, room)
         request.num_computed = cached
         if request.scheduled_at is None:
           request.num_cached_tokens = cached
@@ -164,6 +184,13 @@ class Scheduler:
       if tokens > best_tokens:
         best, best_tokens = width, tokens
     return best
+
+  def _newest_beside(self, request: Request) -> Request:
+    """The newest running request on `request`'s replica (with one pool, the newest)."""
+    replica = self.allocator.replica_of(request.request_id)
+    return next(
+      r for r in reversed(self.running) if self.allocator.replica_of(r.request_id) == replica
+    )
 
   def _preempt(self, request: Request) -> None:
     self.allocator.free(request.request_id)

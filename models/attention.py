@@ -185,7 +185,8 @@ def _per_shard(batch: int, kv_heads: int) -> tuple[str | None, str | None] | Non
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None
-  sizes = dict(mesh.shape)
+  # Axes already manual (a data-parallel step runs each replica in a shard_map) are whole here.
+  sizes = {a: n for a, n in mesh.shape.items() if a not in mesh.manual_axes}
   b = "data" if batch % sizes.get("data", 1) == 0 and sizes.get("data", 1) > 1 else None
   h = "model" if kv_heads % sizes.get("model", 1) == 0 and sizes.get("model", 1) > 1 else None
   return b, h

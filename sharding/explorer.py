@@ -121,20 +121,22 @@ def presets() -> dict:
 @dataclasses.dataclass(frozen=True)
 class ServingShape:
   """The steps to compile: decode at `batch` rows of up to `context` tokens each, and one
-  prefill chunk of `prefill` tokens; the pool holds `batch` full contexts."""
+  prefill chunk of `prefill` tokens (one per data replica); the pool holds `batch` full
+  contexts."""
 
   batch: int = 64
   context: int = 2048
   page_size: int = 16
   prefill: int = 2048
+  pool_pages: int | None = None  # a pool of another size than batch x context
 
   @property
   def pages_per_seq(self) -> int:
     return -(-self.context // self.page_size)
 
-  @property
-  def num_pages(self) -> int:
-    return self.batch * self.pages_per_seq + 1  # page 0: the sink
+  def num_pages(self, replicas: int = 1) -> int:
+    """`pool_pages`, else every row's full context; plus one sink page per data replica."""
+    return (self.pool_pages or self.batch * self.pages_per_seq) + replicas
 
 
 @dataclasses.dataclass
@@ -283,7 +285,8 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
     cache, kv_bytes = _abstract_cache(config, layout, mesh, shape)
     report.weight_bytes, report.kv_bytes = weight_bytes, kv_bytes
     decode = (shape.batch, 1, shape.pages_per_seq)
-    prefill = (1, shape.prefill, -(-shape.prefill // shape.page_size))
+    # One prompt per data replica: a dp step's rows split evenly over them.
+    prefill = (layout.data, shape.prefill, -(-shape.prefill // shape.page_size))
     report.decode = _compile(graphdef, state, cache, layout, mesh, decode, shape, config)
     report.prefill = _compile(graphdef, state, cache, layout, mesh, prefill, shape, config)
   except Exception as e:  # noqa: BLE001 - a layout XLA cannot compile gets a row saying so
@@ -298,7 +301,8 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
       report.error = f"compile error: {type(e).__name__}: {first[:200]}"
     return report
   report.hbm_bytes = hbm
-  per_token = kv_bytes / (shape.num_pages * shape.page_size)  # per device
+  # A device holds its replica's slice of the pool: bytes per token of one of its own rows.
+  per_token = kv_bytes * layout.data / (shape.num_pages(layout.data) * shape.page_size)
   temps = max(report.decode.temp_bytes, report.prefill.temp_bytes)
   if hbm is not None:
     used = weight_bytes + kv_bytes + temps
@@ -338,7 +342,8 @@ def _abstract_model(config, layout, mesh, chip):
 def _abstract_cache(config, layout, mesh, shape):
   from models import KVCache
 
-  dims = (config.num_layers, shape.num_pages, shape.page_size, config.num_kv_heads, config.head_dim)
+  pages = shape.num_pages(layout.data)
+  dims = (config.num_layers, pages, shape.page_size, config.num_kv_heads, config.head_dim)
   sharding = kv_cache_sharding(dims, layout, mesh)
   pool = jax.ShapeDtypeStruct(dims, config.dtype, sharding=sharding)
   assert len(dims) == len(KV_CACHE_AXES)
@@ -364,7 +369,9 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
   sampling = dataclasses.replace(sampling, history=np.full((B, shape.context), -1, np.int32))
   ints = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
   inputs = (ints(B, T), ints(B, T), ints(B, P), ints(B), sampling, ints(B))
-  shardings = StepShardings(cache=cache.k.sharding, replicated=NamedSharding(mesh, PartitionSpec()))
+  # The engine's own step: under dp, each replica on its own rows and slice of the pool.
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = StepShardings(cache.k.sharding, replicated, replicas=layout.data)
   started = time.perf_counter()
   with jax.set_mesh(mesh):  # the Pallas kernels split themselves over it
     lowered = model_step.lower(graphdef, state, cache, *jax.tree.map(spec, inputs), shardings)

@@ -50,7 +50,9 @@ class Rules:
 # end and nothing else. `vocab` stays replicated: split, the embedding lookup would cost an extra
 # all-reduce of [B, T, E] and the sampler an all-gather of the [B, V] logits every step;
 # replicated, embed/head need no collective at all, for the price of V*E weights on every device.
-MEGATRON = Rules(batch="data", heads="model", kv_heads="model", mlp="model")
+# Under data parallelism each replica's rows and KV pages stay on its own devices (`batch` and
+# `pages` over `data`): a replica stores and writes only its own KV.
+MEGATRON = Rules(batch="data", heads="model", kv_heads="model", mlp="model", pages="data")
 
 
 def spec_for(
@@ -73,5 +75,7 @@ def spec_for(
           f"{axis!r}; an array can be split over a mesh axis only once"
         )
       owner[axis] = name
-    spec.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+    # A mesh axis of size 1 splits nothing: left out, the spec says what is really split.
+    split = axis is not None and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0
+    spec.append(axis if split else None)
   return PartitionSpec(*spec)

@@ -79,8 +79,31 @@ def test_tp4_decode_has_one_all_reduce_per_block_and_nothing_else():
   # replicated under MEGATRON).
   assert r.decode.collectives == {"all-reduce": (2 * L, 2 * L * B * E * 2)}
   assert r.weight_bytes == pytest.approx(analytic_weight_bytes(SMALL, 4), rel=0.01)
-  assert r.kv_bytes == 2 * SMALL.num_layers * SHAPE.num_pages * 16 * (4 // 4) * 64 * 2
+  assert r.kv_bytes == 2 * SMALL.num_layers * SHAPE.num_pages() * 16 * (4 // 4) * 64 * 2
   assert r.fits and r.max_batch >= SHAPE.batch and r.decode.compile_s > 0
+
+
+def test_dp_replicas_store_and_write_only_their_own_kv():
+  """dp=2,tp=4 at the same total batch as tp=4: each replica holds half the rows, so half the
+  KV per device, and the step gathers only the sampled rows (tokens, log-probabilities and
+  the top 20 of each), never KV."""
+  tp, dp = ex.explore(SMALL, TARGET, ["tp=4", "dp=2,tp=4"], SHAPE, progress=False)
+  assert tp.error is None and dp.error is None, (tp.error, dp.error)
+  assert dp.kv_bytes == pytest.approx(tp.kv_bytes / 2, rel=0.01)  # up to one sink page each
+  sampled_row = 4 + 4 + 20 * 4 + 20 * 4
+  assert dp.decode.collectives.get("all-gather", (0, 0))[1] <= SHAPE.batch * sampled_row
+
+
+def test_decode_bytes_do_not_grow_with_the_pool():
+  """The decode step reads each layer's pages in place: a pool four times larger, at the same
+  batch and context, does not make the step's cost-model bytes grow. (Head dim 128, as
+  Llama-3's; for head dim 64 see the README: the pool's layout costs a copy.)"""
+  cfg = dataclasses.replace(SMALL, head_dim=128)
+  big = dataclasses.replace(SHAPE, pool_pages=4 * SHAPE.num_pages())
+  [small_pool] = ex.explore(cfg, TARGET, ["tp=4"], SHAPE, progress=False)
+  [big_pool] = ex.explore(cfg, TARGET, ["tp=4"], big, progress=False)
+  assert big_pool.kv_bytes > 3.9 * small_pool.kv_bytes
+  assert big_pool.decode.bytes_accessed <= 1.05 * small_pool.decode.bytes_accessed
 
 
 def test_a_rules_table_that_shards_embed_shows_the_extra_all_gathers():

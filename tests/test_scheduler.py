@@ -5,12 +5,13 @@ which (request, position) token every pool slot holds. Reading a request's KV th
 table must give back exactly its own tokens, whatever else happened to the pool.
 """
 
+import collections
 import random
 
 import pytest
 
 from engine.config import EngineConfig
-from engine.kv_manager import PageAllocator, page_hashes
+from engine.kv_manager import PageAllocator, ReplicaAllocator, page_hashes
 from engine.output import TextStream
 from engine.request import Request
 from engine.sampling import SamplingParams
@@ -96,16 +97,24 @@ def test_scheduler_chunks_long_prompts_under_the_budget():
   assert chunks == [15, 15, 10]
 
 
-def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
+def _simulate(seed: int, events: int, prefix_caching: bool, replicas: int = 1) -> None:
+  """Random adds, aborts and steps against a fake device that records which tokens each KV
+  slot was computed from. With replicas, each data replica has its own slice of the pool."""
   rng = random.Random(seed)
-  page_size = 4
-  alloc = PageAllocator(num_pages=18, page_size=page_size, prefix_caching=prefix_caching)
-  config = EngineConfig(page_size=page_size, num_pages=18, max_model_len=64, max_batch=6,
-                        max_num_batched_tokens=24, max_prefill_seqs=3, min_prefill=4)  # fmt: skip
+  page_size, num_pages = 4, 18 * replicas
+  if replicas == 1:
+    alloc = PageAllocator(num_pages, page_size=page_size, prefix_caching=prefix_caching)
+  else:
+    alloc = ReplicaAllocator(num_pages, page_size, replicas=replicas, prefix_caching=prefix_caching)
+  config = EngineConfig(page_size=page_size, num_pages=num_pages, max_model_len=64,
+                        max_batch=6 * replicas, max_num_batched_tokens=24 * replicas,
+                        max_prefill_seqs=3 * replicas, min_prefill=4)  # fmt: skip
   sched = Scheduler(alloc, config)
-  shapes = set(config.step_shapes)
-  # The fake device: slot -> the tokens its KV depends on (all of the sequence up to it).
-  pool: dict[tuple[int, int], tuple[int, ...]] = {}
+  shapes = {s for s in config.step_shapes if s[0] % replicas == 0}
+  parts = [alloc] if replicas == 1 else alloc.parts
+  # The fake device: (replica, page, offset) -> the tokens its KV depends on (all of the
+  # sequence up to it).
+  pool: dict[tuple[int, int, int], tuple[int, ...]] = {}
   live: dict[str, Request] = {}
   prefixes = [[rng.randrange(50) for _ in range(rng.randrange(1, 40))] for _ in range(6)]
   max_len = 64
@@ -130,17 +139,22 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
       for calls, prefill in ((step.prefills, True), (step.decodes, False)):
         if calls:  # every shape the runner can be asked for is warmed up before serving
           pages = [len(alloc.table(c.request.request_id)) for c in calls]
-          shape = config.step_shape([c.length for c in calls], pages, prefill=prefill)
+          per_replica = collections.Counter(alloc.replica_of(c.request.request_id) for c in calls)
+          rows = replicas * max(per_replica.values())  # each replica's rows padded alike
+          assert rows <= (config.max_batch if not prefill else config.prefill_row_buckets[-1])
+          lengths = [c.length for c in calls]
+          shape = config.step_shape(lengths, pages, prefill=prefill, rows=rows)
           assert shape in shapes, (shape, prefill)
       for c in step.prefills + step.decodes:
         r, table = c.request, alloc.table(c.request.request_id)
+        replica = alloc.replica_of(r.request_id)
         assert 0 not in table
         # Every token this request already computed must read back as its own.
         for pos in range(c.start):
-          slot = (table[pos // page_size], pos % page_size)
+          slot = (replica, table[pos // page_size], pos % page_size)
           assert pool[slot] == tuple(r.token_ids[: pos + 1]), (r.request_id, pos)
         for pos in range(c.start, c.start + c.length):
-          pool[(table[pos // page_size], pos % page_size)] = tuple(r.token_ids[: pos + 1])
+          pool[(replica, table[pos // page_size], pos % page_size)] = tuple(r.token_ids[: pos + 1])
         r.num_computed += c.length
         alloc.commit(r.request_id, r.token_ids, r.num_computed)
         if c.completes:
@@ -149,20 +163,24 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
             sched.remove(r)
             del live[r.request_id]
             served += 1
-    # Invariants after every event.
-    in_use = {}
-    for table in alloc.tables.values():
-      assert len(set(table)) == len(table)
-      for page in table:
-        in_use[page] = in_use.get(page, 0) + 1
-    assert all(alloc.refs[p] == n for p, n in in_use.items())
-    assert alloc.num_free + len(in_use) == alloc.num_pages - 1
-    assert not set(in_use) & set(alloc.free_queue)
-    if not prefix_caching:
-      assert all(n == 1 for n in in_use.values())
+    # Invariants after every event, in each replica's slice.
+    for part in parts:
+      in_use = {}
+      for table in part.tables.values():
+        assert len(set(table)) == len(table)
+        for page in table:
+          in_use[page] = in_use.get(page, 0) + 1
+      assert all(part.refs[p] == n for p, n in in_use.items())
+      assert part.num_free + len(in_use) == part.num_pages - 1
+      assert not set(in_use) & set(part.free_queue)
+      if not prefix_caching:
+        assert all(n == 1 for n in in_use.values())
+    if replicas > 1:  # a replica never holds more rows than its share of the batch
+      rows = collections.Counter(alloc.replica_of(r.request_id) for r in sched.running)
+      assert max(rows.values(), default=0) <= config.max_batch // replicas
   for r in list(live.values()):
     sched.remove(r)
-  assert alloc.num_free == alloc.num_pages - 1 and not alloc.tables
+  assert alloc.num_free == alloc.num_pages - replicas and not alloc.tables
   assert served > 20 and sched.num_preemptions > 0
   assert (sched.num_cached_tokens > 0) == prefix_caching
 
@@ -171,3 +189,10 @@ def _simulate(seed: int, events: int, prefix_caching: bool) -> None:
 def test_fuzz_no_leaks_no_foreign_kv(prefix_caching):
   for seed in range(5):
     _simulate(seed, events=1000, prefix_caching=prefix_caching)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_fuzz_with_a_pool_per_data_replica(prefix_caching):
+  """dp=2: each request's pages and row stay on its replica, within the replica's share."""
+  for seed in range(5):
+    _simulate(seed, events=1000, prefix_caching=prefix_caching, replicas=2)

@@ -3,6 +3,7 @@ must compute the single-device numbers, with its weights really split and only t
 collectives in the compiled step."""
 
 import functools
+import math
 import re
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.kv_manager import ReplicaAllocator
 from models import KVCache, Model, load_model
 from models import checkpoint as ckpt
 from sharding import (
@@ -228,8 +230,33 @@ def test_engine_greedy_matches_single_device(sharded, llm, model, golden):
   assert engine.runner.cache.k.sharding == kv_cache_sharding(
     engine.runner.cache.k.shape, sharded.layout, sharded.mesh
   )
+  replicas = []
+  if sharded.layout.data > 1:  # each data replica keeps its own requests' pages
+    allocator = engine.engine.allocator
+    assert isinstance(allocator, ReplicaAllocator)
+    assert engine.runner.cache.k.sharding.spec[1] == "data"
+    match = allocator.match_prefix
+
+    def spy(request_id, *args):
+      cached = match(request_id, *args)
+      replicas.append(allocator.replica_of(request_id))
+      return cached
+
+    allocator.match_prefix = spy
   got = engine.generate(prompts, params)
   assert [g.token_ids for g in got] == [w.token_ids for w in want]
+  if sharded.layout.data > 1:
+    assert set(replicas) == {0, 1}  # both replicas served some of the prompts
+    assert engine.engine.allocator.num_free == 64 - 2  # every page back; a sink per replica
+    # The compiled steps move no KV between replicas: besides the blocks' all-reduces, no
+    # collective carries as much as one page (what is gathered is the sampled rows).
+    page = math.prod(engine.runner.cache.k.shape[2:])
+    for executable in engine.runner.executables.values():
+      moved = [
+        (op, shape) for op, shape in _collectives(executable.as_text())
+        if op != "all-reduce" and _elements(shape) >= page
+      ]  # fmt: skip
+      assert not moved, moved
 
 
 def test_load_model_with_layout(model, golden):
@@ -250,6 +277,11 @@ def _collectives(hlo: str) -> list[tuple[str, str]]:
   """(op, result shape) of every collective in HLO text."""
   ops = r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?"
   return [(op, shape) for shape, op in re.findall(rf"= (\w+\[[\d,]*\])\S* {ops}\(", hlo)]
+
+
+def _elements(shape: str) -> int:
+  """Elements of an HLO result shape such as bf16[8,20]."""
+  return math.prod(int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1]))
 
 
 def _loop_bodies(hlo: str) -> list[str]:
