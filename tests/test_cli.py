@@ -101,3 +101,21 @@ def test_no_tpu_start_up_noise_where_there_is_no_tpu():
   assert proc.returncode == 0, proc.stderr
   for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "Unable to initialize backend"):
     assert noise not in proc.stderr
+
+
+def test_the_cli_never_overrides_a_platform(monkeypatch):
+  """A platform the user set stays; on a TPU VM nothing is set; only where no TPU exists is
+  TPU left out of what jax probes."""
+  from server import cli
+
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  cli._skip_absent_tpu()
+  assert os.environ["JAX_PLATFORMS"] == "tpu"
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(cli, "_has_tpu", lambda: True)
+  cli._skip_absent_tpu()
+  assert "JAX_PLATFORMS" not in os.environ
+  monkeypatch.setattr(cli, "_has_tpu", lambda: False)
+  cli._skip_absent_tpu()
+  assert os.environ["JAX_PLATFORMS"].split(",")[-1] == "cpu"
+  assert "tpu" not in os.environ["JAX_PLATFORMS"]
