@@ -154,7 +154,7 @@ class EngineCore:
 
   def _warmup(self) -> None:
     runner, role = self.engine.runner, self.engine.role
-    shapes = self.engine.config.step_shapes
+    shapes = runner.step_shapes  # with dp replicas, only rows that split evenly
     if role == "decode":  # it only decodes (a preempted request's recompute compiles then)
       shapes = [s for s in shapes if s[1] == 1]
     runner.warmup(shapes, cancel=self._stopping)  # a prefill stage decodes 1-token prompts

@@ -57,8 +57,7 @@ class Engine:
     # stage keeps one pool, split as the rules say, for page lists that cross stages).
     replicas = model.layout.data if model.layout is not None and role == "colocated" else 1
     if replicas > 1:
-      if config.max_batch % replicas:
-        raise ValueError(f"max_batch ({config.max_batch}) must be a multiple of dp ({replicas})")
+      _check_replicas(config, replicas)
       self.allocator = ReplicaAllocator(
         config.num_pages, config.page_size, replicas=replicas,
         prefix_caching=config.prefix_caching,
@@ -250,3 +249,21 @@ class Engine:
     elif request.num_output >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
       request.stream.flush()
       request.finish("length")
+
+
+def _check_replicas(config: EngineConfig, replicas: int) -> None:
+  """What a pool slice per data replica needs of the config, each named."""
+  if replicas & (replicas - 1):
+    raise ValueError(f"layout: dp={replicas}; a pool per replica needs dp a power of two")
+  if config.max_batch % replicas:
+    raise ValueError(f"max_batch ({config.max_batch}) must be a multiple of dp ({replicas})")
+  if config.prefill_row_buckets[-1] < replicas:
+    raise ValueError(
+      f"max_prefill_seqs ({config.max_prefill_seqs}) must be at least dp ({replicas})"
+    )
+  slice_pages = config.num_pages // replicas - 1  # each slice keeps a sink page
+  if slice_pages * config.page_size < config.max_model_len:
+    raise ValueError(
+      f"num_pages ({config.num_pages}): each of the dp={replicas} slices holds "
+      f"{slice_pages * config.page_size} tokens, less than max_model_len ({config.max_model_len})"
+    )

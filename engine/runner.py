@@ -138,6 +138,9 @@ class Runner:
       cache = kv_cache_sharding(shape, model.layout, model.mesh)
       if replicas > 1 and cache.spec[1] != "data":
         raise ValueError(f"dp={replicas} pools: the rules must split `pages` over `data`")
+      if replicas == 1 and cache.spec[1] is not None:
+        # One pool for every row (a stage's page lists cross stages): its pages stay whole.
+        cache = NamedSharding(model.mesh, PartitionSpec(cache.spec[0], None, *cache.spec[2:]))
       self.shardings = StepShardings(
         cache=cache, replicated=NamedSharding(model.mesh, PartitionSpec()), replicas=replicas
       )

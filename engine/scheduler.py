@@ -173,12 +173,17 @@ class Scheduler:
     queue = itertools.chain(self.running, self.waiting)
     lengths = (r.num_tokens - r.num_computed for r in queue)
     pending = list(itertools.islice((n for n in lengths if n > 1), cfg.prefill_row_buckets[-1]))
+    replicas = self.allocator.replicas
+
+    def padded(rows: int) -> int:  # with dp, each replica's block padded alike (spread evenly)
+      return bucket(replicas * -(-rows // replicas), cfg.prefill_row_buckets)
+
     best, best_tokens = cfg.prefill_buckets[0], 0
     for width in cfg.prefill_buckets:
+      if padded(1) * width > cfg.max_num_batched_tokens:
+        break
       rows = 1
-      while rows < len(pending) and (
-        bucket(rows + 1, cfg.prefill_row_buckets) * width <= cfg.max_num_batched_tokens
-      ):
+      while rows < len(pending) and padded(rows + 1) * width <= cfg.max_num_batched_tokens:
         rows += 1
       tokens = sum(min(n, width) for n in pending[:rows])
       if tokens > best_tokens:

@@ -203,7 +203,8 @@ def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
     param = state[key]
     if param.shape != value.shape:
       raise ValueError(f"{path.name}: {key} has shape {value.shape}, expected {param.shape}")
-    param.set_value(np.asarray(value, dtype))  # stays on the host until placed below
+    # In the parameter's own dtype (norm scales stay float32); on the host until placed below.
+    param.set_value(np.asarray(value, param.get_value().dtype))
   if mesh is None:
     state = jax.tree.map(jnp.asarray, state)
   else:

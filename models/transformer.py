@@ -41,16 +41,17 @@ class Transformer(nnx.Module):
     L, E, F, V = cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size
     H, K, D, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
     self.embed = _param((V, E), dt, ("vocab", "embed"))
-    self.attn_norm = _param((L, E), dt, ("layers", "norm"))
+    f32 = jnp.float32  # norm scales: tiny, and kept exact (Gemma's are 1 + w)
+    self.attn_norm = _param((L, E), f32, ("layers", "norm"))
     self.wq = _param((L, E, H, D), dt, ("layers", "embed", "heads", "head_dim"))
     self.wk = _param((L, E, K, D), dt, ("layers", "embed", "kv_heads", "head_dim"))
     self.wv = _param((L, E, K, D), dt, ("layers", "embed", "kv_heads", "head_dim"))
     self.wo = _param((L, H, D, E), dt, ("layers", "heads", "head_dim", "embed"))
-    self.mlp_norm = _param((L, E), dt, ("layers", "norm"))
+    self.mlp_norm = _param((L, E), f32, ("layers", "norm"))
     self.w_gate = _param((L, E, F), dt, ("layers", "embed", "mlp"))
     self.w_up = _param((L, E, F), dt, ("layers", "embed", "mlp"))
     self.w_down = _param((L, F, E), dt, ("layers", "mlp", "embed"))
-    self.final_norm = _param((E,), dt, ("norm",))
+    self.final_norm = _param((E,), f32, ("norm",))
     if not cfg.tie_embeddings:
       self.lm_head = _param((E, V), dt, ("embed", "vocab"))
     if cfg.qkv_bias:
@@ -58,11 +59,11 @@ class Transformer(nnx.Module):
       self.bk = _param((L, K, D), dt, ("layers", "kv_heads", "head_dim"))
       self.bv = _param((L, K, D), dt, ("layers", "kv_heads", "head_dim"))
     if cfg.qk_norm:
-      self.q_norm = _param((L, D), dt, ("layers", "head_dim"))
-      self.k_norm = _param((L, D), dt, ("layers", "head_dim"))
+      self.q_norm = _param((L, D), f32, ("layers", "head_dim"))
+      self.k_norm = _param((L, D), f32, ("layers", "head_dim"))
     if cfg.post_norms:
-      self.post_attn_norm = _param((L, E), dt, ("layers", "norm"))
-      self.post_mlp_norm = _param((L, E), dt, ("layers", "norm"))
+      self.post_attn_norm = _param((L, E), f32, ("layers", "norm"))
+      self.post_mlp_norm = _param((L, E), f32, ("layers", "norm"))
 
   def __call__(
     self,
@@ -85,7 +86,9 @@ class Transformer(nnx.Module):
     mixed = 0 < sum(w > 0 for w in windows) < cfg.num_layers  # else every layer is alike
     window = cfg.sliding_window if any(windows) else None
     rope_global = rope_tables(positions / cfg.rope_scale, cfg.head_dim, cfg.rope_theta)
-    rope_local = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+    rope_local = rope_global  # a sliding layer's own base (Gemma 3), unscaled; else the same
+    if cfg.rope_local_theta is not None:
+      rope_local = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
     # The kernels scale q.k by D ** -0.5; a family with its own scale folds the ratio into q.
     q_scale = 1.0 if cfg.query_scale is None else cfg.query_scale * cfg.head_dim**0.5
     activation = ACTIVATIONS[cfg.activation]
@@ -117,9 +120,7 @@ class Transformer(nnx.Module):
           )
         else:
           cos, sin = rope_local if windows[0] else rope_global
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if q_scale != 1.0:
-          q = q * jnp.asarray(q_scale, q.dtype)
+        q, k = apply_rope(q, cos, sin, q_scale), apply_rope(k, cos, sin)
         if kv is not None:
           kv = kv.write(i, slots, k, v)
         attn = self.attention(
@@ -164,9 +165,10 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B, T, heads, D]: rotates the pairs (i, i + D/2) by the position's angle."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, scale: float = 1.0) -> jax.Array:
+  """x [B, T, heads, D]: rotates the pairs (i, i + D/2) by the position's angle (and scales
+  them, in float32)."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  cos, sin = cos[:, :, None, :] * scale, sin[:, :, None, :] * scale
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

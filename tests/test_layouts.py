@@ -149,7 +149,7 @@ def test_the_llama3_8b_command_prints_its_table(tmp_path):
   )  # fmt: skip
   assert out.returncode == 0, out.stderr
   cfg = ex.presets()["llama3-8b"]
-  rows = {  # every layout shows its weights, fitting or not (dp=4,tp=2 does not: see README)
+  rows = {  # every layout shows its weights, fitting or not
     m.group(1): float(m.group(2))
     for m in re.finditer(r"^\| (tp=\d|dp=\d,tp=\d) \| ([\d.]+) \|", out.stdout, re.M)
   }

@@ -196,3 +196,33 @@ def test_fuzz_with_a_pool_per_data_replica(prefix_caching):
   """dp=2: each request's pages and row stay on its replica, within the replica's share."""
   for seed in range(5):
     _simulate(seed, events=1000, prefix_caching=prefix_caching, replicas=2)
+
+
+def test_a_long_prompt_starts_with_a_pool_per_replica():
+  """dp=2 pads a prefill call to a row per replica: the chunk width must leave room for both
+  rows in the token budget, or a lone long prompt would wait forever."""
+  config = EngineConfig(page_size=16, num_pages=128, max_model_len=1024, max_batch=8)
+  alloc = ReplicaAllocator(128, 16, replicas=2, prefix_caching=True)
+  sched = Scheduler(alloc, config)
+  sched.add(_request("long", range(700)))
+  step = sched.schedule()
+  [chunk] = step.prefills
+  assert 2 * chunk.length <= config.max_num_batched_tokens
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"max_batch": 6}, "max_batch .* must be a multiple of dp"),
+    ({"max_prefill_seqs": 1}, "max_prefill_seqs .* must be at least dp"),
+    ({"num_pages": 64}, r"each of the dp=4 slices holds 240 tokens, less than max_model_len"),
+  ],
+)
+def test_what_a_pool_per_replica_needs_is_named(changes, message):
+  from engine.engine import _check_replicas
+
+  base = dict(page_size=16, num_pages=256, max_model_len=256, max_batch=8)
+  with pytest.raises(ValueError, match=message):
+    _check_replicas(EngineConfig(**(base | changes)), 4)
+  with pytest.raises(ValueError, match="dp a power of two"):
+    _check_replicas(EngineConfig(**base), 3)
