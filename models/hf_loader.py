@@ -9,8 +9,9 @@
     generation_config.json         more ids that end a reply (Llama 3's <|eot_id|>)
 
 Weights stream: each parameter is built shard by shard with `jax.make_array_from_callback`, and
-a shard reads only the layers it covers, one tensor at a time, so no host ever holds a copy of
-the whole model. Anything the model would not use, or cannot use as it is, is refused by name.
+a shard reads only the layers it covers, one tensor at a time: the host holds at most the
+shards of one parameter (one weight kind over every layer), never a copy of the whole model.
+Anything the model would not use, or cannot use as it is, is refused by name.
 """
 
 from __future__ import annotations
