@@ -34,7 +34,7 @@ from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator
 from engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from engine.scheduler import Chunk, Schedule
-from models import KVCache, Model
+from models import KVCache, Model, precision
 from sharding import batch_sharding, kv_cache_sharding, put
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ class Runner:
     self.model, self.config, self.replicas = model, config, replicas
     cfg = model.config
     self.shardings = None
+    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
+    storage = precision.storage_dtype(cfg.dtype, devices[0].platform)
     if model.mesh is None:
-      self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size)
+      self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size, storage)
     else:
       shape = (cfg.num_layers, config.num_pages, config.page_size, cfg.num_kv_heads, cfg.head_dim)
       cache = kv_cache_sharding(shape, model.layout, model.mesh)
@@ -144,7 +146,7 @@ class Runner:
       self.shardings = StepShardings(
         cache=cache, replicated=NamedSharding(model.mesh, PartitionSpec()), replicas=replicas
       )
-      zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size)
+      zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size, storage)
       self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
     self.executables: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, P)
     self.num_compiles = 0

@@ -2,7 +2,7 @@
 
 One model, three attention backends chosen at configuration time:
   xla     gathers a sequence's pages and runs masked softmax attention (any platform);
-  native  xla, but decode steps over a float32 pool call the compiled C++ kernel in
+  native  xla, but decode steps over a float32 or bfloat16 pool call the C++ kernel in
           `cpu_kernels` (the default for a one-device CPU model, where the kernel builds);
   pallas  the kernels in `pallas_kernels/` (the TPU default; `interpret=True` runs them on CPU).
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from models import cpu_kernels
+from models import cpu_kernels, precision
 from models.config import ModelConfig
 from pallas_kernels import flash_attention, ragged_paged_attention
 
@@ -31,7 +31,11 @@ from pallas_kernels import flash_attention, ragged_paged_attention
 class KVCache:
   """The paged KV pool of every layer. A sequence's page table lists the pool pages holding
   its tokens [0, Z), [Z, 2Z), ... Page 0 is a sink that padding tokens write to: the host
-  never allocates it."""
+  never allocates it.
+
+  A bfloat16 pool is stored as its uint16 bits on CPU (`models.precision`); `write` and `read`
+  convert at the edges, and to everything else (the page movers, transfers) the pool is just
+  its arrays."""
 
   k: jax.Array  # [L, N, Z, K, D]
   v: jax.Array  # [L, N, Z, K, D]
@@ -40,27 +44,37 @@ class KVCache:
   def page_size(self) -> int:
     return self.k.shape[2]
 
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The dtype of the values held (bfloat16 for a pool stored as bits)."""
+    return precision.value_dtype(self.k.dtype)
+
   @classmethod
-  def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
+  def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, storage=None) -> KVCache:
+    """An empty pool of the model's dtype, stored as `storage` (default: that dtype)."""
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+    storage = cfg.dtype if storage is None else storage
+    return cls(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage))
 
   def write(self, layer: jax.Array, slots, k: jax.Array, v: jax.Array) -> KVCache:
     """Stores k, v [B, T, K, D] of one layer at slots (page, offset) [B, T]."""
     page, offset = slots
+    k, v = precision.stored(k, self.k.dtype), precision.stored(v, self.v.dtype)
     return KVCache(
-      k=self.k.at[layer, page, offset].set(k.astype(self.k.dtype), mode="promise_in_bounds"),
-      v=self.v.at[layer, page, offset].set(v.astype(self.v.dtype), mode="promise_in_bounds"),
+      k=self.k.at[layer, page, offset].set(k, mode="promise_in_bounds"),
+      v=self.v.at[layer, page, offset].set(v, mode="promise_in_bounds"),
     )
+
+  def read(self, layer: jax.Array, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v [*pages.shape, Z, K, D] of `pages` in one layer, as values of `dtype`."""
+    return precision.values(self.k[layer, pages]), precision.values(self.v[layer, pages])
 
   def gather(self, layer: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each sequence's pages of one layer, in order: k, v [B, P*Z, K, D]."""
     B, P = page_table.shape
     _, _, Z, K, D = self.k.shape
-    return (
-      self.k[layer, page_table].reshape(B, P * Z, K, D),
-      self.v[layer, page_table].reshape(B, P * Z, K, D),
-    )
+    k, v = self.read(layer, page_table)
+    return k.reshape(B, P * Z, K, D), v.reshape(B, P * Z, K, D)
 
 
 def cache_slots(positions, page_table, page_size: int) -> tuple[jax.Array, jax.Array]:
@@ -143,7 +157,7 @@ class AttentionBackend:
         return xla_attention(q, k, v, positions, positions, span)
       if q.shape[1] > 1:
         return paged_xla()
-      if self.kind == "native" and cache.k.dtype == jnp.float32:
+      if self.kind == "native" and cache.k.dtype in cpu_kernels.TARGETS:
         return cpu_kernels.paged_decode_attention(
           q, cache.k, cache.v, layer, positions, page_table, span
         )
@@ -218,8 +232,9 @@ def xla_attention(
   # A padding query sees no key; give it a finite row so no NaN leaks anywhere.
   scores = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], scores, 0.0)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
-  out = jnp.einsum("BKMS,BKSD->BKMD", probs, vh).reshape(B, K, G, T, D)
-  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+  out = jnp.einsum("BKMS,BKSD->BKMD", probs, vh, preferred_element_type=jnp.float32)
+  out = out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+  return out.astype(q.dtype)
 
 
 def xla_paged_decode_attention(
@@ -252,8 +267,7 @@ def xla_paged_decode_attention(
 
     def page(p, carry):
       m, norm, acc = carry  # running max [R, K, G], normalizer [R, K, G], output [R, K, G, D]
-      k = cache.k[layer, table[:, p]].astype(jnp.float32)  # [R, Z, K, D]
-      v = cache.v[layer, table[:, p]].astype(jnp.float32)
+      k, v = (x.astype(jnp.float32) for x in cache.read(layer, table[:, p]))  # [R, Z, K, D]
       s = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1)  # [R, Z, K, G]
       key = p * Z + jnp.arange(Z)[None, :]
       visible = (key <= last[:, None]) & (key >= first[:, None])  # [R, Z]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
+from models import precision
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 
@@ -46,7 +47,8 @@ def save_checkpoint(model: Model, dst: str | pathlib.Path) -> pathlib.Path:
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(dst / "params", nnx.to_pure_dict(model.state))
+    # bfloat16 weights kept as bits on CPU (models.precision) are saved as bfloat16.
+    ckpt.save(dst / "params", jax.tree.map(precision.values, nnx.to_pure_dict(model.state)))
   if jax.process_index() == 0:
     config = dataclasses.asdict(model.config) | {"dtype": jnp.dtype(model.config.dtype).name}
     tok = model.tokenizer

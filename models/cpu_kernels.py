@@ -30,7 +30,11 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("paged_decode_cpu.cc")
-TARGET = "meshserve_paged_decode"
+TARGETS = {  # the kernel's FFI target per pool dtype, and its handler symbol in the library
+  jnp.dtype(jnp.float32): ("meshserve_paged_decode", "MeshservePagedDecode"),
+  jnp.dtype(jnp.bfloat16): ("meshserve_paged_decode_bf16", "MeshservePagedDecodeBf16"),
+  jnp.dtype(jnp.uint16): ("meshserve_paged_decode_bf16_bits", "MeshservePagedDecodeBf16Bits"),
+}
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c++17", "-pthread")
 
 
@@ -95,16 +99,15 @@ def available() -> bool:
   except (BuildError, OSError) as e:
     log.warning("CPU paged-decode kernel unavailable, decode attention stays on XLA: %s", e)
     return False
-  jax.ffi.register_ffi_target(
-    TARGET, jax.ffi.pycapsule(library.MeshservePagedDecode), platform="cpu"
-  )
+  for target, symbol in TARGETS.values():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return True
 
 
 def paged_decode_attention(
   q: jax.Array,  # [B, 1, H, D]: each sequence's newest token
-  k: jax.Array,  # [L, N, Z, K, D] float32: the whole pool, read in place
-  v: jax.Array,  # [L, N, Z, K, D] float32
+  k: jax.Array,  # [L, N, Z, K, D] float32, bfloat16 or its uint16 bits: the whole pool
+  v: jax.Array,  # [L, N, Z, K, D], k's dtype
   layer: jax.Array,
   positions: jax.Array,  # [B, 1]; -1 = padding row
   page_table: jax.Array,  # [B, P]
@@ -116,7 +119,8 @@ def paged_decode_attention(
   B, _, H, D = q.shape
   lengths = jnp.maximum(positions[:, 0] + 1, 0).astype(jnp.int32)  # keys [0, length) exist
   starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, H, D), jnp.float32))
+  target, _ = TARGETS[jnp.dtype(k.dtype)]
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((B, H, D), jnp.float32))
   out = call(
     q[:, 0].astype(jnp.float32) * (D**-0.5),
     k,

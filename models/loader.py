@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from models import checkpoint, cpu_kernels, hf_loader
+from models import checkpoint, cpu_kernels, hf_loader, precision
 from models.attention import AttentionBackend
 from models.config import ModelConfig
 from models.gguf_loader import GGUFFile, load_weights
@@ -125,6 +125,22 @@ def _forward_no_cache(graphdef, state, tokens, positions, out_sharding):
   return logits
 
 
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _as_storage(x: jax.Array, storage) -> jax.Array:
+  return precision.stored(x, storage)
+
+
+def _store_weights(module: Transformer, storage) -> None:
+  """Puts the weights of the model's dtype into `storage` (bfloat16 as bits on CPU), in place;
+  norm scales, which are float32 whatever the dtype, stay as they are."""
+  dtype = module.cfg.dtype
+  if jnp.dtype(storage) == jnp.dtype(dtype):
+    return
+  state = nnx.state(module, nnx.Param)
+  state = jax.tree.map(lambda x: _as_storage(x, storage) if x.dtype == dtype else x, state)
+  nnx.update(module, state)
+
+
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -162,6 +178,9 @@ def load_model(
   "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
   devices: the devices the layout's mesh takes (default: all), e.g. a stage's share of them.
   """
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"dtype: {jnp.dtype(dtype).name} is not supported; use float32 or bfloat16")
+  dtype = jnp.dtype(dtype)
   if isinstance(layout, str):
     layout = Layout.parse(layout)
   sharded = layout is not None and layout.num_devices > 1  # a one-device mesh is not split
@@ -182,6 +201,8 @@ def load_model(
   else:
     load = _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
+  devices = jax.devices() if mesh is None else mesh.devices.flat
+  _store_weights(module, precision.storage_dtype(config.dtype, devices[0].platform))
   where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
   seconds = time.perf_counter() - start
   log.info("model %s ready in %.1fs%s, %s attention", config.name, seconds, where, attention.kind)

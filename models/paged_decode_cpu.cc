@@ -2,7 +2,10 @@
 //
 // Each row walks its own pages once, in order, with an online softmax; every query head
 // of a page is done while the page is in cache, and the page after next is prefetched. Rows
-// are split over threads. Compiled at first use by models/cpu_kernels.py (-O3 -march=native).
+// are split over threads. The pool is float32 or bfloat16 (as such, or as its uint16 bits),
+// a handler each; a bfloat16 key or value is widened to float32 as it is read, so the
+// arithmetic is float32 either way and a bfloat16 pool halves the bytes read. Compiled at
+// first use by models/cpu_kernels.py (-O3 -march=native).
 //
 // Letters: B rows, H query heads, K kv heads, G = H / K, D head dim, L layers, N pool
 // pages, Z page size, P pages per row.
@@ -20,13 +23,14 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Rows = ffi::Buffer<ffi::F32, 3>;  // q, out [B, H, D]
-using Pool = ffi::Buffer<ffi::F32, 5>;  // k, v [L, N, Z, K, D]
+template <ffi::DataType kType>
+using Pool = ffi::Buffer<kType, 5>;  // k, v [L, N, Z, K, D]
 using Index = ffi::Buffer<ffi::S32, 0>;
 using Table = ffi::Buffer<ffi::S32, 2>;
 using Lengths = ffi::Buffer<ffi::S32, 1>;
 
 struct Shape {
-  int64_t N, H, K, G, D, Z, P, page_floats;
+  int64_t N, H, K, G, D, Z, P, page_elements;
 };
 
 struct Scratch {
@@ -39,21 +43,32 @@ inline int64_t Page(const Shape& s, const int32_t* pages, int64_t p) {
   return std::clamp<int64_t>(pages[p], 0, s.N - 1);
 }
 
-// Asks for a page's keys and values ahead of use, one cache line (16 floats) at a time.
-inline void Prefetch(const float* k, const float* v, int64_t page, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) {
-    __builtin_prefetch(k + page * floats + i);
-    __builtin_prefetch(v + page * floats + i);
+// A pool element as float32: bfloat16 is the top half of a float32's bits.
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t x) {
+  uint32_t bits = uint32_t{x} << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Asks for a page's keys and values ahead of use, one 64-byte cache line at a time.
+template <typename T>
+inline void Prefetch(const T* k, const T* v, int64_t page, int64_t elements) {
+  for (int64_t i = 0; i < elements; i += 64 / sizeof(T)) {
+    __builtin_prefetch(k + page * elements + i);
+    __builtin_prefetch(v + page * elements + i);
   }
 }
 
-// kD, kG: compile-time head dim and group size, so the inner loops unroll and vectorize;
-// 0 takes them from `s` at run time.
-template <int64_t kD, int64_t kG>
-void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
+// T: the pool's element type (float, or uint16_t holding bfloat16). kD, kG: compile-time head
+// dim and group size, so the inner loops unroll and vectorize; 0 takes them from `s` at run
+// time.
+template <typename T, int64_t kD, int64_t kG>
+void AttendRow(const Shape& s, const float* q, const T* k, const T* v,
                const int32_t* pages, int64_t start, int64_t length, float* out, Scratch& w) {
   const int64_t D = kD ? kD : s.D, G = kG ? kG : s.G;
-  const int64_t K = s.K, H = K * G, Z = s.Z, F = s.page_floats;
+  const int64_t K = s.K, H = K * G, Z = s.Z, F = s.page_elements;
   float* scores = w.scores.data();
   float* acc = w.acc.data();
   std::fill(acc, acc + H * D, 0.f);
@@ -68,16 +83,16 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
   for (int64_t p = first; p * Z < length; ++p) {
     const int64_t tokens = std::min(Z, length - p * Z);
     const int64_t z0 = std::max<int64_t>(0, start - p * Z);  // the page's first visible key
-    const float* kp = k + Page(s, pages, p) * F;
-    const float* vp = v + Page(s, pages, p) * F;
+    const T* kp = k + Page(s, pages, p) * F;
+    const T* vp = v + Page(s, pages, p) * F;
     if ((p + 2) * Z < length) Prefetch(k, v, Page(s, pages, p + 2), F);
     for (int64_t z = z0; z < tokens; ++z) {
       for (int64_t kh = 0; kh < K; ++kh) {  // the G query heads of kv head kh share its key
-        const float* key = kp + (z * K + kh) * D;
+        const T* key = kp + (z * K + kh) * D;
         for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
           const float* qh = q + h * D;
           float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qh[d] * key[d];
+          for (int64_t d = 0; d < D; ++d) dot += qh[d] * Widen(key[d]);
           scores[h * Z + z] = dot;
         }
       }
@@ -99,11 +114,11 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
     }
     for (int64_t z = z0; z < tokens; ++z) {
       for (int64_t kh = 0; kh < K; ++kh) {
-        const float* value = vp + (z * K + kh) * D;
+        const T* value = vp + (z * K + kh) * D;
         for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
           const float e = scores[h * Z + z];
           float* ah = acc + h * D;
-          for (int64_t d = 0; d < D; ++d) ah[d] += e * value[d];
+          for (int64_t d = 0; d < D; ++d) ah[d] += e * Widen(value[d]);
         }
       }
     }
@@ -114,35 +129,39 @@ void AttendRow(const Shape& s, const float* q, const float* k, const float* v,
   }
 }
 
-using RowFn = void (*)(const Shape&, const float*, const float*, const float*, const int32_t*,
-                       int64_t, int64_t, float*, Scratch&);
+template <typename T>
+using RowFn = void (*)(const Shape&, const float*, const T*, const T*, const int32_t*, int64_t,
+                       int64_t, float*, Scratch&);
 
-template <int64_t kD>
-RowFn ForGroup(int64_t G) {
+template <typename T, int64_t kD>
+RowFn<T> ForGroup(int64_t G) {
   switch (G) {
-    case 1: return AttendRow<kD, 1>;
-    case 2: return AttendRow<kD, 2>;
-    case 3: return AttendRow<kD, 3>;
-    case 4: return AttendRow<kD, 4>;
-    case 8: return AttendRow<kD, 8>;
-    default: return AttendRow<kD, 0>;
+    case 1: return AttendRow<T, kD, 1>;
+    case 2: return AttendRow<T, kD, 2>;
+    case 3: return AttendRow<T, kD, 3>;
+    case 4: return AttendRow<T, kD, 4>;
+    case 8: return AttendRow<T, kD, 8>;
+    default: return AttendRow<T, kD, 0>;
   }
 }
 
-RowFn Specialized(int64_t D, int64_t G) {
+template <typename T>
+RowFn<T> Specialized(int64_t D, int64_t G) {
   switch (D) {
-    case 64: return ForGroup<64>(G);
-    case 128: return ForGroup<128>(G);
-    case 256: return ForGroup<256>(G);
-    default: return AttendRow<0, 0>;
+    case 64: return ForGroup<T, 64>(G);
+    case 128: return ForGroup<T, 128>(G);
+    case 256: return ForGroup<T, 256>(G);
+    default: return AttendRow<T, 0, 0>;
   }
 }
 
 // q [B, H, D] (already scaled by 1/sqrt(D)); k, v [L, N, Z, K, D]; layer []; page_table
 // [B, P]; each row attends to its keys [starts[b], lengths[b]) (a sliding window starts past
 // 0; length 0 = padding row) -> out [B, H, D].
-ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Lengths starts,
-                       Lengths lengths, ffi::Result<Rows> out) {
+// T is the element type the kernel reads the pool buffers as (uint16_t for bfloat16).
+template <ffi::DataType kType, typename T>
+ffi::Error PagedDecode(Rows q, Pool<kType> k, Pool<kType> v, Index layer, Table page_table,
+                       Lengths starts, Lengths lengths, ffi::Result<Rows> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   const int64_t B = qd[0], L = kd[0], N = kd[1];
   Shape s{N, qd[1], kd[3], 0, qd[2], kd[2], page_table.dimensions()[1], kd[2] * kd[3] * kd[4]};
@@ -153,9 +172,9 @@ ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Le
   s.G = s.H / s.K;
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("paged_decode: layer out of range");
-  const float* k_layer = k.typed_data() + l * N * s.page_floats;
-  const float* v_layer = v.typed_data() + l * N * s.page_floats;
-  const RowFn attend = Specialized(s.D, s.G);
+  const T* k_layer = reinterpret_cast<const T*>(k.typed_data()) + l * N * s.page_elements;
+  const T* v_layer = reinterpret_cast<const T*>(v.typed_data()) + l * N * s.page_elements;
+  const RowFn<T> attend = Specialized<T>(s.D, s.G);
 
   auto rows = [&](int64_t first, int64_t stride) {
     Scratch scratch(s);
@@ -180,13 +199,18 @@ ffi::Error PagedDecode(Rows q, Pool k, Pool v, Index layer, Table page_table, Le
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePagedDecode, PagedDecode,
-                              ffi::Ffi::Bind()
-                                  .Arg<Rows>()  // q
-                                  .Arg<Pool>()  // k
-                                  .Arg<Pool>()  // v
-                                  .Arg<Index>()  // layer
-                                  .Arg<Table>()  // page_table
-                                  .Arg<Lengths>()  // starts
-                                  .Arg<Lengths>()  // lengths
-                                  .Ret<Rows>());  // out
+#define MESHSERVE_PAGED_DECODE(name, type, element)                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (PagedDecode<type, element>),      \
+                                ffi::Ffi::Bind()                         \
+                                    .Arg<Rows>() /* q */                 \
+                                    .Arg<Pool<type>>() /* k */           \
+                                    .Arg<Pool<type>>() /* v */           \
+                                    .Arg<Index>() /* layer */            \
+                                    .Arg<Table>() /* page_table */       \
+                                    .Arg<Lengths>() /* starts */         \
+                                    .Arg<Lengths>() /* lengths */        \
+                                    .Ret<Rows>()) /* out */
+
+MESHSERVE_PAGED_DECODE(MeshservePagedDecode, ffi::F32, float);
+MESHSERVE_PAGED_DECODE(MeshservePagedDecodeBf16, ffi::BF16, uint16_t);
+MESHSERVE_PAGED_DECODE(MeshservePagedDecodeBf16Bits, ffi::U16, uint16_t);  // a pool kept as bits

@@ -4,6 +4,12 @@ The families differ in a few switches of `ModelConfig` (biases, QK-norm, norms a
 block, the embedding scale, the MLP's activation, sliding-window layers), not in structure, so
 they share one layer body: a fix or a kernel reaches all of them at once.
 
+Precision: weights are `cfg.dtype` (bfloat16 ones stored as bits on CPU: `models.precision`);
+the residual stream, norms, RoPE and softmax are float32. Every matmul takes its inputs in the weights' dtype and accumulates in float32
+(`preferred_element_type`), so a bfloat16 model runs bfloat16 matmuls (on XLA:CPU 2-3x the
+float32 rate at 64 rows and more, and on TPU the MXU's native type) without rounding
+anything a matmul did not read.
+
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so XLA compiles one
 layer body whatever the depth; what differs per layer (a sliding window, its RoPE base) is data
 the scan carries along. Every parameter is declared once, in `Transformer.__init__`, with its
@@ -20,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import precision
 from models.attention import AttentionBackend, KVCache, cache_slots
 from models.config import ModelConfig
 
@@ -78,9 +85,10 @@ class Transformer(nnx.Module):
     sequence has cached so far. Returns float32 logits [B, T, V] ([B, V] with `logits_at`)
     and the updated cache."""
     cfg = self.cfg
-    x = self.embed[...][tokens].astype(cfg.dtype)  # [B, T, E]
+    x = precision.values(self.embed[...][tokens])  # [B, T, E]
     if cfg.embed_scale != 1.0:
-      x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)  # in the weights' dtype, as trained
+      x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # in the weights' dtype, as trained
+    x = x.astype(jnp.float32)  # the residual stream
     windows = cfg.layer_windows
     local = jnp.asarray([w > 0 for w in windows])  # [L]
     mixed = 0 < sum(w > 0 for w in windows) < cfg.num_layers  # else every layer is alike
@@ -96,17 +104,18 @@ class Transformer(nnx.Module):
     names += ["bq", "bk", "bv"] if cfg.qkv_bias else []
     names += ["q_norm", "k_norm"] if cfg.qk_norm else []
     names += ["post_attn_norm", "post_mlp_norm"] if cfg.post_norms else []
-    layers = {name: getattr(self, name)[...] for name in names}
+    layers = {name: getattr(self, name)[...] for name in names}  # sliced by the scan
 
     slots = None if cache is None else cache_slots(positions, page_table, cache.page_size)
 
     def project(h, w, b, spec):
-      out = jnp.einsum(spec, h, w)
-      return out if b is None else out + b
+      out = matmul(spec, h, w)
+      return out if b is None else out + b.astype(jnp.float32)
 
     def layer(carry, xs):
       x, kv = carry
       w, i, is_local = xs
+      w = {name: precision.values(a) for name, a in w.items()}
       with jax.named_scope("attention"):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
         q = project(h, w["wq"], w.get("bq"), "BTE,EHD->BTHD")
@@ -121,21 +130,22 @@ class Transformer(nnx.Module):
         else:
           cos, sin = rope_local if windows[0] else rope_global
         q, k = apply_rope(q, cos, sin, q_scale), apply_rope(k, cos, sin)
+        q, k, v = (a.astype(cfg.dtype) for a in (q, k, v))  # attention reads the KV's dtype
         if kv is not None:
           kv = kv.write(i, slots, k, v)
         attn = self.attention(
           q, k, v, positions, kv, i, page_table,
           window=window, local=is_local if mixed else None,
         )  # fmt: skip
-        out = jnp.einsum("BTHD,HDE->BTE", attn, w["wo"])
+        out = matmul("BTHD,HDE->BTE", attn, w["wo"])
         if cfg.post_norms:
           out = rms_norm(out, w["post_attn_norm"], cfg.norm_eps)
         x = x + out
       with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        gate = activation(jnp.einsum("BTE,EF->BTF", h, w["w_gate"]))
-        up = jnp.einsum("BTE,EF->BTF", h, w["w_up"])
-        out = jnp.einsum("BTF,FE->BTE", gate * up, w["w_down"])
+        gate = activation(matmul("BTE,EF->BTF", h, w["w_gate"]))
+        up = matmul("BTE,EF->BTF", h, w["w_up"])
+        out = matmul("BTF,FE->BTE", gate * up, w["w_down"])
         if cfg.post_norms:
           out = rms_norm(out, w["post_mlp_norm"], cfg.norm_eps)
         x = x + out
@@ -146,9 +156,36 @@ class Transformer(nnx.Module):
     if logits_at is not None:  # skip the vocab projection of tokens nobody samples from
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, E]
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [E, V]
-    logits = jnp.einsum("...E,EV->...V", x, head, preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings:
+      logits = vocab_projection(x, self.embed[...], vocab_axis=0)  # embed [V, E]
+    else:
+      logits = vocab_projection(x, self.lm_head[...], vocab_axis=1)  # lm_head [E, V]
     return logits, cache
+
+
+def vocab_projection(x: jax.Array, head: jax.Array, vocab_axis: int, block: int = 4096):
+  """float32 logits [..., V] of x [..., E] against the (stored) head.
+
+  A head stored as bits (bfloat16 on CPU) is read a vocabulary block at a time: XLA:CPU then
+  runs each block's matmul in bfloat16, where a single [E, V] matmul makes it convert the
+  whole head to float32 first, on every step (see models.precision)."""
+  spec = "...E,VE->...V" if vocab_axis == 0 else "...E,EV->...V"
+  V = head.shape[vocab_axis]
+  if head.dtype != precision.BITS or V <= block:
+    return matmul(spec, x, precision.values(head))
+  n = next(n for n in range(V // block, V + 1) if V % n == 0)  # blocks of about `block`
+
+  def project(i):
+    part = jax.lax.dynamic_slice_in_dim(head, i * (V // n), V // n, axis=vocab_axis)
+    return matmul(spec, x, precision.values(part))
+
+  logits = jax.lax.map(project, jnp.arange(n))  # [n, ..., V / n]
+  return jnp.moveaxis(logits, 0, -2).reshape(*x.shape[:-1], V)
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum(spec, x, w) with x in w's dtype, accumulated and returned in float32."""
+  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -19,6 +19,9 @@ MODEL_HELP = (
 )
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def _model(args: argparse.Namespace) -> str:
   from models import DEFAULT_MODEL
 
@@ -44,7 +47,7 @@ def _generate(args: argparse.Namespace) -> int:
   )
   if not args.prompt.strip():
     raise ValueError("--prompt: the prompt is empty")
-  llm = LLM(load_model(_model(args), layout=args.layout))
+  llm = LLM(load_model(_model(args), layout=args.layout, dtype=args.dtype))
 
   def show(_, text: str) -> None:
     sys.stdout.write(text)
@@ -84,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
   )
   opts = ServeOptions(
     model=_model(args),
+    dtype=args.dtype,
     layout=args.layout,
     host=args.host,
     port=args.port,
@@ -169,9 +173,17 @@ def _convert(args: argparse.Namespace) -> int:
   from models.checkpoint import save_checkpoint
 
   start = time.perf_counter()
-  dst = save_checkpoint(load_model(args.src, layout=args.layout), args.dst)
+  dst = save_checkpoint(load_model(args.src, layout=args.layout, dtype=args.dtype), args.dst)
   log.info("converted %s to %s in %.1fs", args.src, dst, time.perf_counter() - start)
   return 0
+
+
+def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--dtype", choices=DTYPES, default="float32",
+    help="weights and KV cache: float32 (default, the reference) or bfloat16 (about 1.5x the "
+    "throughput on CPU at batch 64, half the memory; README: Precision)",
+  )  # fmt: skip
 
 
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument(
     "--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)"
   )
+  _add_dtype_flag(gen)
   _add_device_flags(gen)
   gen.set_defaults(func=_generate)
 
@@ -277,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
   )  # fmt: skip
   topo.add_argument("--prefill", default=None, help="router: prefill workers, ADDR[,ADDR...]")
   topo.add_argument("--decode", default=None, help="router: decode workers, ADDR[,ADDR...]")
+  _add_dtype_flag(srv)
   _add_device_flags(srv)
   srv.set_defaults(func=_serve)
 
@@ -304,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
   lay.add_argument("--page-size", type=int, default=16)
   lay.add_argument("--prefill", type=int, default=2048, help="prefill chunk, tokens")
   lay.add_argument(
-    "--dtype", choices=("bfloat16", "float32"), default=None,
+    "--dtype", choices=DTYPES, default=None,
     help="weights and KV (default: bfloat16 on TPU, float32 on CPU)",
   )  # fmt: skip
   lay.add_argument("--csv", type=pathlib.Path, default=None, help="also write the rows as CSV")
@@ -319,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
   conv = sub.add_parser("convert", help="write an Orbax checkpoint of a model")
   conv.add_argument("src", help="model name, .gguf file or Hugging Face checkpoint directory")
   conv.add_argument("dst", help="new or empty directory")
+  _add_dtype_flag(conv)
   _add_device_flags(conv)
   conv.set_defaults(func=_convert)
   return parser

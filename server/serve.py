@@ -46,6 +46,7 @@ MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own limit, above the servicer's 1 MiB per 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
   model: str
+  dtype: str = "float32"  # weights and KV cache: float32 or bfloat16
   layout: str | None = None
   host: str = "0.0.0.0"
   port: int = 50051
@@ -242,9 +243,10 @@ def _load(opts: ServeOptions) -> list:
     layouts = [Layout.parse(opts.prefill_layout), Layout.parse(opts.decode_layout)]
     devices = split_devices(*layouts)
     return [
-      load_model(opts.model, layout=lay, devices=d) for lay, d in zip(layouts, devices, strict=True)
+      load_model(opts.model, layout=lay, devices=d, dtype=opts.dtype)
+      for lay, d in zip(layouts, devices, strict=True)
     ]
-  return [load_model(opts.model, layout=opts.layout)]
+  return [load_model(opts.model, layout=opts.layout, dtype=opts.dtype)]
 
 
 def _layouts(models: list) -> str:

@@ -75,3 +75,22 @@ def test_without_a_compiler_the_model_keeps_xla(monkeypatch, tmp_path):
     assert AttentionBackend.default_for("cpu").kind == "xla"
   finally:
     cpu_kernels.available.cache_clear()  # the next caller builds (or finds) the real one
+
+
+@needs_kernel
+def test_native_decode_reads_a_bfloat16_pool_kept_as_bits():
+  """The pool a bfloat16 model gets on CPU (models.precision): the kernel widens each key and
+  value, so it matches the XLA walk over the same values in float32."""
+  from models import precision
+
+  rng = np.random.default_rng(7)
+  lengths = [96, 1, 0, 17, 33, 64]
+  q, cache, positions, table = random_case(rng, B=6, H=9, K=3, D=64, Z=16, P=6, lengths=lengths)
+  bits = KVCache(*(precision.stored(x, precision.BITS) for x in (cache.k, cache.v)))
+  rounded = KVCache(*(precision.values(x).astype(jnp.float32) for x in (bits.k, bits.v)))
+  got = jax.jit(cpu_kernels.paged_decode_attention)(q, bits.k, bits.v, 1, positions, table)
+  want = xla_paged_decode_attention(q, rounded, 1, positions, table, groups=1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The XLA walk reads the bits too (the native backend's fallback).
+  walked = xla_paged_decode_attention(q, bits, 1, positions, table, groups=1)
+  np.testing.assert_allclose(np.asarray(walked), np.asarray(want), rtol=1e-5, atol=1e-5)
