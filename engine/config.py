@@ -27,6 +27,10 @@ class EngineConfig:
   min_prefill: int = 16  # smallest prefill bucket
   prefix_caching: bool = True
   seed: int = 0  # requests without a seed get one drawn from this, in arrival order
+  # Tokens per prefill row: a chunk is laid out as rows of this many tokens, so a step pads
+  # each prompt by less than a row, not to the longest one. 0: one row per chunk (a fresh
+  # prompt then takes the flash kernel on TPU). None: `min_prefill` tokens, except on TPU.
+  prefill_segment: int | None = None
 
   def __post_init__(self):
     for name in (
@@ -35,6 +39,13 @@ class EngineConfig:
     ):  # fmt: skip
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.prefill_segment is not None and not 0 <= self.prefill_segment <= min(
+      self.max_num_batched_tokens, self.max_model_len
+    ):
+      raise ValueError(
+        f"prefill_segment must lie in [0, min(max_num_batched_tokens, max_model_len)], got "
+        f"{self.prefill_segment}"
+      )
     if self.max_model_len % self.page_size:
       raise ValueError("max_model_len must be a multiple of page_size")
     if self.num_pages - 1 < self.max_model_len // self.page_size:
@@ -57,6 +68,23 @@ class EngineConfig:
     return _powers_of_two(1, min(self.max_prefill_seqs, self.max_batch))
 
   @property
+  def segment(self) -> int:
+    """Tokens per prefill row (`prefill_segment` resolved); 0 for one row per chunk."""
+    if self.prefill_segment is not None:
+      return self.prefill_segment
+    import jax
+
+    return 0 if jax.default_backend() == "tpu" else min(self.min_prefill, self.prefill_buckets[-1])
+
+  @property
+  def segment_row_buckets(self) -> tuple[int, ...]:
+    """Rows of a segmented prefill call: powers of two up to 8, then every 8 (padding a call
+    by at most 7 rows), up to the rows the token budget holds."""
+    most = max(1, self.max_num_batched_tokens // self.segment)
+    small = [b for b in _powers_of_two(1, min(8, most)) if b <= most]
+    return (*small, *range(16, most + 1, 8), *([most] if most > 8 and most % 8 else []))
+
+  @property
   def page_buckets(self) -> tuple[int, ...]:  # pages per sequence
     return _powers_of_two(1, self.max_model_len // self.page_size)
 
@@ -68,6 +96,12 @@ class EngineConfig:
     rows = len(lengths) if rows is None else rows
     if not prefill:
       return bucket(rows, self.batch_buckets), 1, self.page_buckets[-1]
+    if self.segment:  # `rows` counts segments
+      return (
+        bucket(rows, self.segment_row_buckets),
+        self.segment,
+        bucket(max(pages), self.page_buckets),
+      )
     B = bucket(rows, self.prefill_row_buckets)
     return B, bucket(max(lengths), self.prefill_buckets), bucket(max(pages), self.page_buckets)
 
@@ -76,11 +110,15 @@ class EngineConfig:
     """Every (rows B, tokens T, pages P) step shape the engine can dispatch, so all of them
     can be compiled before serving.
 
+    Segmented prefill ([R, segment]) takes every row bucket with every page bucket.
     Decode ([B, 1]) always takes the full page-table width: decode attention walks each row
     only as far as its length, so padding the table costs nothing and saves a dimension.
     Prefill ([R, T]) keeps a P bucket, since prefill attention reads every listed page; the
     smallest P is the one the shortest chunk that rounds up to T can need."""
     shapes = [(b, 1, self.page_buckets[-1]) for b in self.batch_buckets]
+    if self.segment:  # [R, segment] rows of any request, whatever its pages
+      shapes += [(r, self.segment, p) for r in self.segment_row_buckets for p in self.page_buckets]
+      return tuple(dict.fromkeys(shapes))
     previous = 1  # a one-token chunk is a decode
     for t in self.prefill_buckets:
       fewest_pages = bucket(-(-(previous + 1) // self.page_size), self.page_buckets)

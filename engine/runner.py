@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import pathlib
@@ -287,30 +288,47 @@ class Runner:
           results.append((chunk, row))
     return results
 
-  def _rows(self, chunks: list[Chunk], allocator, prefill: bool) -> tuple[list[int], int]:
-    """The batch row of each chunk, and how many rows the call needs: in order with one pool;
-    with replicas, replica r's chunks fill rows from r * B / replicas on (B = replicas times the
-    busiest replica's count, then bucketed)."""
+  def _pieces(self, chunk: Chunk, prefill: bool) -> list[tuple[int, int]]:
+    """The (start, length) of each row `chunk` takes: one, or with segmented prefill one per
+    `segment` tokens."""
+    segment = self.config.segment if prefill else 0
+    if not segment:
+      return [(chunk.start, chunk.length)]
+    end = chunk.start + chunk.length
+    return [(s, min(segment, end - s)) for s in range(chunk.start, end, segment)]
+
+  def _rows(self, pieces: list[list[tuple[int, int]]], chunks, allocator, prefill: bool):
+    """The batch row of every piece, and how many rows the call needs: in order with one pool;
+    with replicas, replica r's pieces fill rows from r * B / replicas on (B = replicas times
+    the busiest replica's count, then bucketed)."""
     if self.replicas == 1:
-      return list(range(len(chunks))), len(chunks)
+      rows = itertools.count()
+      return [[next(rows) for _ in p] for p in pieces], sum(map(len, pieces))
     replica = [allocator.replica_of(c.request.request_id) for c in chunks]
-    counts = collections.Counter(replica)
+    counts = collections.Counter()
+    for r, p in zip(replica, pieces, strict=True):
+      counts[r] += len(p)
     n = self.replicas * max(counts.values())
-    buckets = (
-      self.config.batch_buckets if chunks[0].length == 1 else self.config.prefill_row_buckets
-    )
+    if not prefill:
+      buckets = self.config.batch_buckets
+    else:
+      buckets = (
+        self.config.segment_row_buckets if self.config.segment else self.config.prefill_row_buckets
+      )
     per_replica = bucket(n, buckets) // self.replicas
     seen = collections.Counter()
     rows = []
-    for r in replica:
-      rows.append(r * per_replica + seen[r])
-      seen[r] += 1
+    for r, p in zip(replica, pieces, strict=True):
+      rows.append([r * per_replica + seen[r] + i for i in range(len(p))])
+      seen[r] += len(p)
     return rows, n
 
   def _inputs(self, chunks: list[Chunk], allocator: PageAllocator, *, prefill: bool):
-    """The host arrays of one call over `chunks`, and the row each chunk took."""
+    """The host arrays of one call over `chunks`, and the row each chunk samples from (its
+    last)."""
     tables = [allocator.table(c.request.request_id) for c in chunks]
-    rows, n = self._rows(chunks, allocator, prefill)
+    pieces = [self._pieces(c, prefill) for c in chunks]
+    rows, n = self._rows(pieces, chunks, allocator, prefill)
     lengths, pages = [c.length for c in chunks], [len(t) for t in tables]
     B, T, P = self.config.step_shape(lengths, pages, prefill=prefill, rows=n)
     tokens = np.zeros((B, T), np.int32)
@@ -318,16 +336,16 @@ class Runner:
     page_table = np.zeros((B, P), np.int32)  # unused entries point at the sink page
     logits_at = np.zeros(B, np.int32)
     sample_index = np.zeros(B, np.int32)
-    for i, c, table in zip(rows, chunks, tables, strict=True):
-      tokens[i, : c.length] = c.request.token_ids[c.start : c.start + c.length]
-      positions[i, : c.length] = np.arange(c.start, c.start + c.length)
-      page_table[i, : len(table)] = table
-      logits_at[i] = c.length - 1
-      sample_index[i] = c.request.num_output
-    # The sampling rows in batch order; padding rows get defaults.
-    requests = [None] * B
-    for i, c in zip(rows, chunks, strict=True):
-      requests[i] = c.request
+    requests = [None] * B  # the sampling rows in batch order; the rest get defaults
+    for c, table, chunk_rows, chunk_pieces in zip(chunks, tables, rows, pieces, strict=True):
+      for i, (start, length) in zip(chunk_rows, chunk_pieces, strict=True):
+        tokens[i, :length] = c.request.token_ids[start : start + length]
+        positions[i, :length] = np.arange(start, start + length)
+        page_table[i, : len(table)] = table
+      last = chunk_rows[-1]
+      logits_at[last] = chunk_pieces[-1][1] - 1
+      sample_index[last] = c.request.num_output
+      requests[last] = c.request
     padding = SamplingParams()
     sampling = self._sampling(
       [r.params if r else padding for r in requests],
@@ -336,7 +354,8 @@ class Runner:
       [r.token_ids if r else [] for r in requests],
       [r.prompt_len if r else 0 for r in requests],
     )
-    return (tokens, positions, page_table, logits_at, sampling, sample_index), rows
+    inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
+    return inputs, [chunk_rows[-1] for chunk_rows in rows]
 
   def _sampling(self, params, seeds, B, histories=(), prompt_lens=()) -> SamplingBatch:
     width = self.config.max_model_len

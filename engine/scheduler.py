@@ -84,29 +84,49 @@ class Scheduler:
     replicas, replica_of = self.allocator.replicas, self.allocator.replica_of
     prefill_rows = [0] * replicas  # this step's prefill chunks, per replica
 
-    width = self._prefill_width()
+    segment = cfg.segment
+    # A prefill call is [rows, width]: rows of `segment` tokens (a chunk takes as many as it
+    # needs), or one row per chunk, all as wide as this step's width.
+    width = segment or self._prefill_width()
+    row_buckets = cfg.segment_row_buckets if segment else cfg.prefill_row_buckets
+
+    def fits(replica: int, rows: int) -> bool:
+      """Whether `rows` more prefill rows on `replica` keep the call inside the budget (each
+      replica's block of rows is padded to the busiest)."""
+      counts = list(prefill_rows)
+      counts[replica] += rows
+      total = replicas * max(counts)
+      return (
+        total <= row_buckets[-1]
+        and bucket(total, row_buckets) * width <= cfg.max_num_batched_tokens
+      )
 
     def chunk_length(request: Request) -> int:
       """Tokens of `request` to compute this step; 0 when it has to wait. Prefill chunks run
       as one [rows, width] call that must fit the token budget, padding included."""
-      length = min(request.num_tokens - request.num_computed, budget)
+      remaining = request.num_tokens - request.num_computed
+      length = min(remaining, budget)
       if length == 1:
         return 1
-      counts = list(prefill_rows)
-      counts[replica_of(request.request_id)] += 1
-      rows = replicas * max(counts)  # each replica's block of rows is padded to the busiest
-      if rows > cfg.prefill_row_buckets[-1]:
+      if len(out.prefills) >= cfg.prefill_row_buckets[-1]:  # max_prefill_seqs chunks a step
         return 0
-      if bucket(rows, cfg.prefill_row_buckets) * width > cfg.max_num_batched_tokens:
-        return 0
-      return min(length, width)
+      replica = replica_of(request.request_id)
+      if not segment:
+        return min(length, width) if fits(replica, 1) else 0
+      rows = -(-length // segment)
+      while rows and not fits(replica, rows):
+        rows -= 1
+      length = min(length, rows * segment)
+      if segment < length < remaining:  # a chunk that leaves more for later ends on a row edge
+        length -= length % segment
+      return length
 
     def take(request: Request, length: int) -> None:
       nonlocal budget
       chunk = Chunk(request, request.num_computed, length)
       (out.decodes if length == 1 else out.prefills).append(chunk)
       if length > 1:
-        prefill_rows[replica_of(request.request_id)] += 1
+        prefill_rows[replica_of(request.request_id)] += -(-length // segment) if segment else 1
       budget -= length
 
     i = 0

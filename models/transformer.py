@@ -5,10 +5,10 @@ block, the embedding scale, the MLP's activation, sliding-window layers), not in
 they share one layer body: a fix or a kernel reaches all of them at once.
 
 Precision: weights are `cfg.dtype` (bfloat16 ones stored as bits on CPU: `models.precision`);
-the residual stream, norms, RoPE and softmax are float32. Every matmul takes its inputs in the weights' dtype and accumulates in float32
-(`preferred_element_type`), so a bfloat16 model runs bfloat16 matmuls (on XLA:CPU 2-3x the
-float32 rate at 64 rows and more, and on TPU the MXU's native type) without rounding
-anything a matmul did not read.
+the residual stream, norms, RoPE and softmax are float32. Every matmul takes its inputs in the
+weights' dtype and accumulates in float32 (`preferred_element_type`), so a bfloat16 model runs
+bfloat16 matmuls (on XLA:CPU 2-3x the float32 rate at 64 rows and more, and on TPU the MXU's
+native type) without rounding anything a matmul did not read.
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so XLA compiles one
 layer body whatever the depth; what differs per layer (a sliding window, its RoPE base) is data
@@ -171,7 +171,7 @@ def vocab_projection(x: jax.Array, head: jax.Array, vocab_axis: int, block: int 
   whole head to float32 first, on every step (see models.precision)."""
   spec = "...E,VE->...V" if vocab_axis == 0 else "...E,EV->...V"
   V = head.shape[vocab_axis]
-  if head.dtype != precision.BITS or V <= block:
+  if head.dtype != precision.BITS or block >= V:
     return matmul(spec, x, precision.values(head))
   n = next(n for n in range(V // block, V + 1) if V % n == 0)  # blocks of about `block`
 

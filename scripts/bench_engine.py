@@ -15,6 +15,7 @@ Every level sees the same prompt-length distribution. One run prints one table:
                    mid-run, timed right after each measured pass
   KV share         how much of the bare step goes to reading the rows' context: 1 - (the same
                    step with every row one token in) / (bare step)
+  padded           the share of prefill token slots (rows x row width) that held no token
   roofline         the larger of (weights + the batch's KV) bytes / measured read bandwidth
                    and the step's FLOPs / measured matmul throughput: no step can be faster
 
@@ -24,7 +25,7 @@ with several rounds each round's throughput ratios are printed too. The machine 
 medians and ratios are the figures to read.
 
   python scripts/bench_engine.py [--concurrency 1 8 32 64] [--output-len 128] [--rounds 1]
-                                 [--attention xla|native]
+                                 [--attention xla|native] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -74,19 +75,24 @@ def matmul_flops(repeats: int) -> float:
 def serve(engine: Engine, prompts: list[list[int]], output_len: int, concurrency: int):
   """Serves `prompts` with at most `concurrency` in flight, admitting the next as one
   finishes, until all finish: (outputs, wall seconds, decode-only full-batch steps grouped by
-  shape: each step's seconds and the Batch it decoded)."""
+  shape: each step's seconds and the Batch it decoded, the padded share of prefill slots)."""
   params = SamplingParams(max_tokens=output_len, ignore_eos=True)
   queue = collections.deque(prompts)
   start = time.perf_counter()
   outputs, steps = [], collections.defaultdict(list)
+  slots = tokens = 0  # prefill token slots dispatched (rows x width), and tokens in them
   while queue or engine.has_unfinished():
     while queue and len(engine.requests) < concurrency:
       engine.add_request(queue.popleft(), params)
     outputs += [o for o in engine.step() if o.finished]
     stats = engine.last_step
+    if stats.prefill_tokens:
+      B, T, _ = stats.shapes[0]
+      slots, tokens = slots + B * T, tokens + stats.prefill_tokens
     if stats.prefill_tokens == 0 and stats.decodes == concurrency:
       steps[stats.shapes[0]].append((stats.seconds, decoded_batch(engine)))
-  return outputs, time.perf_counter() - start, steps
+  padded = 1 - tokens / slots if slots else 0.0
+  return outputs, time.perf_counter() - start, steps, padded
 
 
 class Batch(NamedTuple):
@@ -138,6 +144,7 @@ class Run(NamedTuple):
   steps: dict  # decode-only full-batch step times by shape
   bare: float  # median bare step at `commonest(steps)`, timed right after the pass
   no_context: float  # the same with every row one token in
+  padded: float  # the share of prefill token slots that held padding
 
 
 def commonest(steps: dict) -> tuple[int, ...]:
@@ -163,6 +170,7 @@ def main() -> None:
   parser.add_argument(
     "--attention", choices=["xla", "native"], help="attention backend (default: the platform's)"
   )
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument(
     "--min-requests", type=int, default=8, help="requests served at low concurrency"
   )
@@ -173,7 +181,7 @@ def main() -> None:
   )  # fmt: skip
   args = parser.parse_args()
 
-  model = load_model(attention=args.attention)
+  model = load_model(attention=args.attention, dtype=args.dtype)
   cfg = model.config
   page_size = args.page_size
   max_len = -(-(args.max_prompt + args.output_len) // page_size) * page_size
@@ -190,7 +198,9 @@ def main() -> None:
   bandwidth = read_bandwidth(weight_bytes, 20)
   flops = matmul_flops(20)
   num_params = sum(x.size for x in jax.tree.leaves(model.state))
-  kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+  kv_bytes_per_token = (
+    2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  )
   rng = random.Random(0)
   pool = [
     [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(args.min_prompt, args.max_prompt))]
@@ -206,14 +216,14 @@ def main() -> None:
   def measure(n: int) -> Run:
     """One measured pass at concurrency n, then the bare step at the shape the engine's decode
     steps took most often, timed right after so both see the same stretch of machine noise."""
-    outputs, seconds, steps = serve(engine, workload(n), args.output_len, n)
+    outputs, seconds, steps, padded = serve(engine, workload(n), args.output_len, n)
     shape = commonest(steps)
     batches = [batch for _, batch in steps[shape] if batch is not None]
     mid = batches[len(batches) // 2]  # the rows in flight mid-run
     bare = bare_step_time(engine, shape, mid, args.repeats)
     no_context = bare_step_time(engine, shape, Batch(mid.tables, [0] * n), args.repeats)
     step_times = {s: [t for t, _ in group] for s, group in steps.items()}
-    return Run(outputs, seconds, step_times, bare, no_context)
+    return Run(outputs, seconds, step_times, bare, no_context, padded)
 
   for n in args.concurrency:
     serve(engine, workload(n), args.output_len, n)  # compiles every bucket this workload meets
@@ -245,10 +255,11 @@ def main() -> None:
     )
     roofline = max(step_bytes / bandwidth, step_flops / flops)
     seconds_per_step = (engine_step, bare, no_context, roofline)
-    rows.append((n, len(workload(n)), tok_s, ttft, tpot, *seconds_per_step, shape))
+    padded = statistics.median(run.padded for run in runs[n])
+    rows.append((n, len(workload(n)), tok_s, ttft, tpot, *seconds_per_step, padded, shape))
 
   print(
-    f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} (float32), prompts "
+    f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} ({args.dtype}), prompts "
     f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens, "
     f"KV pages of {page_size} tokens, {model.attention.kind} attention"
   )
@@ -259,18 +270,19 @@ def main() -> None:
   header = (
     f"{'conc':>4} | {'reqs':>4} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | "
     f"{'TPOT p50':>8} | {'TPOT p99':>8} | {'engine step':>11} | {'bare step':>9} | "
-    f"{'engine/bare':>11} | {'KV share':>8} | {'roofline':>8} | {'bare/roofline':>13}"
+    f"{'engine/bare':>11} | {'KV share':>8} | {'roofline':>8} | {'bare/roofline':>13} | "
+    f"{'padded':>6}"
   )
   print(header)
   print("-" * len(header))
-  for n, reqs, tok_s, ttft, tpot, eng, bare, no_context, roof, _ in rows:
+  for n, reqs, tok_s, ttft, tpot, eng, bare, no_context, roof, padded, _ in rows:
     print(
       f"{n:>4} | {reqs:>4} | {tok_s:9.1f} | "
       f"{percentile(ttft, 50):7.2f}s | {percentile(ttft, 99):7.2f}s | "
       f"{percentile(tpot, 50) * 1e3:6.0f}ms | {percentile(tpot, 99) * 1e3:6.0f}ms | "
       f"{eng * 1e3:9.1f}ms | {bare * 1e3:7.1f}ms | {eng / bare:10.2f}x | "
       f"{1 - no_context / bare:8.0%} | "
-      f"{roof * 1e3:6.1f}ms | {bare / roof:12.1f}x"
+      f"{roof * 1e3:6.1f}ms | {bare / roof:12.1f}x | {padded:6.0%}"
     )
   first, _, base, *_ = rows[0]
   ratios = (f"c{n}/c{first} throughput: {tok_s / base:.1f}x" for n, _, tok_s, *_ in rows[1:])

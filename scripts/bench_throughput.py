@@ -81,6 +81,10 @@ def main() -> None:
   parser.add_argument("--output-len", type=int, default=64)
   parser.add_argument("--c1-requests", type=int, default=4)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+    "--max-prefill-seqs", type=int, default=EngineConfig().max_prefill_seqs,
+    help="prompts prefilled in one step",
+  )  # fmt: skip
   args = parser.parse_args()
 
   results = {}
@@ -88,8 +92,9 @@ def main() -> None:
     model = load_model(dtype=jnp.dtype(dtype))
     n = args.requests
     config = EngineConfig(
-      max_batch=n, max_model_len=256, num_pages=n * 16 + 1, prefix_caching=False
-    )
+      max_batch=n, max_model_len=256, num_pages=n * 16 + 1, prefix_caching=False,
+      max_prefill_seqs=args.max_prefill_seqs,
+    )  # fmt: skip
     engine = Engine(model, config)
     tok = model.tokenizer
     run(engine, prompts(tok, n, args.words, seed=0), args.output_len, n)  # compiles

@@ -382,7 +382,7 @@ def run_offline(model, info, levels: list[tuple[list[tuple[list[int], int]], flo
   """Output tokens/s of the offline engine on each level's (requests, concurrency): the
   requests go in as in the server run, at most `concurrency` at a time (None: all at once, as
   `LLM.generate` does; the same at any concurrency >= max_batch), on the server's engine
-  configuration, every step shape compiled first as the server does.
+  configuration and dtype, every step shape compiled first as the server does.
   model: a name or path for load_model, or a loaded Model."""
   from engine import LLM, EngineConfig, SamplingParams
   from models import load_model
@@ -395,7 +395,9 @@ def run_offline(model, info, levels: list[tuple[list[tuple[list[int], int]], flo
     max_batch=info.max_batch,
     max_num_batched_tokens=info.max_num_batched_tokens,
   )
-  engine = LLM(load_model(model) if isinstance(model, str) else model, config).engine
+  if isinstance(model, str):  # in the server's dtype
+    model = load_model(model, dtype=info.dtype or "float32")
+  engine = LLM(model, config).engine
   engine.runner.warmup()
   throughputs = []
   for requests, concurrency in levels:

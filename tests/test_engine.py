@@ -136,6 +136,42 @@ def test_chunked_prefill_runs_beside_decodes(family, alone):
     assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
+def test_segmented_prefill_matches_a_row_per_chunk(model):
+  """Prefill rows of 16 tokens (the CPU default) against one row per chunk: the same tokens
+  and log-probabilities, in calls that hold less padding."""
+  prompts = _prompts(model, 12, seed=3)
+  params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=0)
+  runs = {}
+  for segment in (0, 16):
+    config = EngineConfig(num_pages=200, max_model_len=256, max_batch=12, prefill_segment=segment)
+    llm = LLM(model, config)
+    shapes = []
+    execute = llm.engine.runner.execute
+
+    def record(schedule, allocator, execute=execute, llm=llm, shapes=shapes):
+      out = execute(schedule, allocator)
+      if schedule.prefills:
+        B, T, _ = llm.engine.runner.last_shapes[0]
+        shapes.append((B * T, sum(c.length for c in schedule.prefills)))
+      return out
+
+    llm.engine.runner.execute = record
+    outs = llm.generate(prompts, params)
+    runs[segment] = outs, shapes
+    assert llm.engine.allocator.num_free == config.num_pages - 1
+  (whole, whole_shapes), (split, split_shapes) = runs[0], runs[16]
+  for a, b in zip(whole, split, strict=True):
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(
+      [t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], atol=1e-4
+    )
+  slots = {k: sum(s for s, _ in v[1]) for k, v in runs.items()}
+  tokens = sum(t for _, t in split_shapes)
+  assert tokens == sum(t for _, t in whole_shapes) == sum(map(len, prompts))
+  assert slots[16] < slots[0], slots  # fewer padded token slots
+  assert slots[16] - tokens < 16 * 12 + 7 * 16 * len(split_shapes)  # < a row per prompt + bucket
+
+
 def test_stop_string_across_token_boundary_never_leaks(llm, golden):
   prompt = golden.case(2)["ids"].tolist()  # continues " a wise and kind woman named Elara."
   deltas = []

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, bucket
 from engine.kv_manager import PageAllocator, ReplicaAllocator, page_hashes
 from engine.output import TextStream
 from engine.request import Request
@@ -97,9 +97,12 @@ def test_scheduler_chunks_long_prompts_under_the_budget():
   assert chunks == [15, 15, 10]
 
 
-def _simulate(seed: int, events: int, prefix_caching: bool, replicas: int = 1) -> None:
+def _simulate(
+  seed: int, events: int, prefix_caching: bool, replicas: int = 1, segment: int = 4
+) -> None:
   """Random adds, aborts and steps against a fake device that records which tokens each KV
-  slot was computed from. With replicas, each data replica has its own slice of the pool."""
+  slot was computed from. With replicas, each data replica has its own slice of the pool.
+  segment: tokens per prefill row (0: one row per chunk)."""
   rng = random.Random(seed)
   page_size, num_pages = 4, 18 * replicas
   if replicas == 1:
@@ -108,7 +111,8 @@ def _simulate(seed: int, events: int, prefix_caching: bool, replicas: int = 1) -
     alloc = ReplicaAllocator(num_pages, page_size, replicas=replicas, prefix_caching=prefix_caching)
   config = EngineConfig(page_size=page_size, num_pages=num_pages, max_model_len=64,
                         max_batch=6 * replicas, max_num_batched_tokens=24 * replicas,
-                        max_prefill_seqs=3 * replicas, min_prefill=4)  # fmt: skip
+                        max_prefill_seqs=3 * replicas, min_prefill=4,
+                        prefill_segment=segment)  # fmt: skip
   sched = Scheduler(alloc, config)
   shapes = {s for s in config.step_shapes if s[0] % replicas == 0}
   parts = [alloc] if replicas == 1 else alloc.parts
@@ -139,9 +143,19 @@ def _simulate(seed: int, events: int, prefix_caching: bool, replicas: int = 1) -
       for calls, prefill in ((step.prefills, True), (step.decodes, False)):
         if calls:  # every shape the runner can be asked for is warmed up before serving
           pages = [len(alloc.table(c.request.request_id)) for c in calls]
-          per_replica = collections.Counter(alloc.replica_of(c.request.request_id) for c in calls)
+          per_replica = collections.Counter()
+          for c in calls:  # a segmented prefill chunk takes a row per `segment` tokens
+            n = -(-c.length // segment) if prefill and segment else 1
+            per_replica[alloc.replica_of(c.request.request_id)] += n
           rows = replicas * max(per_replica.values())  # each replica's rows padded alike
-          assert rows <= (config.max_batch if not prefill else config.prefill_row_buckets[-1])
+          assert len(calls) <= (config.max_batch if not prefill else config.max_prefill_seqs)
+          if prefill and segment:
+            assert rows <= config.segment_row_buckets[-1]
+            assert (
+              bucket(rows, config.segment_row_buckets) * segment <= config.max_num_batched_tokens
+            )
+          else:
+            assert rows <= (config.max_batch if not prefill else config.prefill_row_buckets[-1])
           lengths = [c.length for c in calls]
           shape = config.step_shape(lengths, pages, prefill=prefill, rows=rows)
           assert shape in shapes, (shape, prefill)
@@ -189,6 +203,7 @@ def _simulate(seed: int, events: int, prefix_caching: bool, replicas: int = 1) -
 def test_fuzz_no_leaks_no_foreign_kv(prefix_caching):
   for seed in range(5):
     _simulate(seed, events=1000, prefix_caching=prefix_caching)
+    _simulate(seed, events=1000, prefix_caching=prefix_caching, segment=0)  # a row per chunk
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -196,6 +211,7 @@ def test_fuzz_with_a_pool_per_data_replica(prefix_caching):
   """dp=2: each request's pages and row stay on its replica, within the replica's share."""
   for seed in range(5):
     _simulate(seed, events=1000, prefix_caching=prefix_caching, replicas=2)
+    _simulate(seed, events=1000, prefix_caching=prefix_caching, replicas=2, segment=0)
 
 
 def test_a_long_prompt_starts_with_a_pool_per_replica():
