@@ -1,4 +1,4 @@
-"""Offline throughput on issue 16's workload, float32 and bfloat16 side by side, with a profile.
+"""Offline throughput on issue 16's workload: dtypes and prefill layouts side by side, profiled.
 
 The workload: --requests prompts of --words random words (from a 20-word vocabulary), each
 asking for --output-len greedy tokens (EOS ignored), all submitted at once to one engine with
@@ -6,13 +6,17 @@ room for all of them (concurrency = --requests). A warm-up pass with other promp
 every shape first; nothing is shared between warm-up and the measured passes (the prefix
 cache is off). Then concurrency 1: --c1-requests requests one after another.
 
-For each dtype and each measured pass, the engine's own step records split the wall time:
+Each configuration is DTYPE:SEGMENT, the model's dtype and the engine's prefill row width
+(`EngineConfig.prefill_segment`; 0: one row per prompt chunk, as before segmented prefill).
+The first is the baseline the others are compared with. For each configuration and measured
+pass, the engine's own step records split the wall time:
   prefill steps   steps that ran prompt tokens (their decode rows ride along)
   decode steps    steps that only decoded; `decode step` is their median at the full batch
   padded          the share of prefill token slots (rows x bucket width) that held no token
 Output tok/s is the median over --rounds passes; the machine is noisy, so read the ratios.
 
-  python scripts/bench_throughput.py [--dtypes float32 bfloat16] [--rounds 3]
+  python scripts/bench_throughput.py [--configs float32:0 float32:16 bfloat16:0 bfloat16:16]
+                                     [--rounds 3]
 """
 
 from __future__ import annotations
@@ -75,7 +79,10 @@ def run(engine: Engine, batch: list[list[int]], output_len: int, concurrency: in
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument(
+    "--configs", nargs="+", default=["float32:0", "float32:16", "bfloat16:0", "bfloat16:16"],
+    help="DTYPE:SEGMENT each; the first is the baseline",
+  )  # fmt: skip
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--words", type=int, nargs=2, default=(16, 96), metavar=("MIN", "MAX"))
   parser.add_argument("--output-len", type=int, default=64)
@@ -88,12 +95,13 @@ def main() -> None:
   args = parser.parse_args()
 
   results = {}
-  for dtype in args.dtypes:
+  for name in args.configs:
+    dtype, segment = name.split(":")
     model = load_model(dtype=jnp.dtype(dtype))
     n = args.requests
     config = EngineConfig(
       max_batch=n, max_model_len=256, num_pages=n * 16 + 1, prefix_caching=False,
-      max_prefill_seqs=args.max_prefill_seqs,
+      max_prefill_seqs=args.max_prefill_seqs, prefill_segment=int(segment),
     )  # fmt: skip
     engine = Engine(model, config)
     tok = model.tokenizer
@@ -103,27 +111,28 @@ def main() -> None:
     c1_batch = prompts(tok, args.c1_requests, args.words, seed=100)
     run(engine, c1_batch, args.output_len, 1)  # compiles the batch-1 shapes
     c1 = [run(engine, c1_batch, args.output_len, 1) for _ in range(args.rounds)]
-    results[dtype] = (c64, c1)
+    results[name] = (c64, c1)
     del engine, model
 
   median = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-  base = args.dtypes[0]
+  base = args.configs[0]
   print(
     f"\ndevice: {jax.devices()[0].device_kind} x{os.cpu_count()} cores, SmolLM2-135M, "
     f"{args.requests} prompts of {args.words[0]}-{args.words[1]} words all at once, "
     f"{args.output_len} greedy tokens each; medians of {args.rounds} passes\n"
   )
   header = (
-    f"{'dtype':>9} | {'c64 tok/s':>9} | {'vs ' + base:>12} | {'wall':>6} | {'prefill':>7} | "
-    f"{'decode':>6} | {'decode step':>11} | {'padded':>6} | {'c1 tok/s':>8} | {'vs ' + base:>12}"
+    f"{'dtype:segment':>13} | {'c64 tok/s':>9} | {'vs ' + base:>12} | {'wall':>6} | "
+    f"{'prefill':>7} | {'decode':>6} | {'decode step':>11} | {'padded':>6} | {'c1 tok/s':>8} | "
+    f"{'vs ' + base:>12}"
   )
   print(header)
   print("-" * len(header))
-  for dtype, (c64, c1) in results.items():
+  for name, (c64, c1) in results.items():
     ratio = median(c64, "tok_s") / median(results[base][0], "tok_s")
     ratio1 = median(c1, "tok_s") / median(results[base][1], "tok_s")
     print(
-      f"{dtype:>9} | {median(c64, 'tok_s'):9.1f} | {ratio:11.2f}x | {median(c64, 'wall'):5.1f}s | "
+      f"{name:>13} | {median(c64, 'tok_s'):9.1f} | {ratio:11.2f}x | {median(c64, 'wall'):5.1f}s | "
       f"{median(c64, 'prefill'):6.1f}s | {median(c64, 'decode'):5.1f}s | "
       f"{median(c64, 'decode_step') * 1e3:9.0f}ms | {median(c64, 'padded'):6.0%} | "
       f"{median(c1, 'tok_s'):8.1f} | {ratio1:11.2f}x"

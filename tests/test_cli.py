@@ -35,6 +35,15 @@ def test_generate_chat_streams_an_answer():
   assert "ready in" in proc.stderr.read()  # the stage log line with its timing
 
 
+def test_generate_in_bfloat16():
+  proc = _meshserve(
+    "generate", "--dtype", "bfloat16", "--prompt", "The capital of France is", "--max-tokens", "8"
+  )
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "Paris" in out  # the float32 reference's greedy answer too
+
+
 @pytest.mark.parametrize(
   ("args", "message"),
   [
@@ -47,6 +56,7 @@ def test_generate_chat_streams_an_answer():
     (["--prompt", "hi", "--frequency-penalty", "3"], "frequency_penalty"),
     (["--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
     (["--prompt", "hi", "--stop-token-id", "-1"], "stop_token_ids"),
+    (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
   ],
 )
 def test_generate_bad_input_is_one_clear_line(args, message):
