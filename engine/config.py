@@ -29,7 +29,8 @@ class EngineConfig:
   seed: int = 0  # requests without a seed get one drawn from this, in arrival order
   # Tokens per prefill row: a chunk is laid out as rows of this many tokens, so a step pads
   # each prompt by less than a row, not to the longest one. 0: one row per chunk (a fresh
-  # prompt then takes the flash kernel on TPU). None: `min_prefill` tokens, except on TPU.
+  # prompt then takes the flash kernel on TPU). None: `min_prefill` tokens, except on TPU
+  # (resolved for the model's platform by the Engine: `for_platform`).
   prefill_segment: int | None = None
 
   def __post_init__(self):
@@ -69,20 +70,30 @@ class EngineConfig:
 
   @property
   def segment(self) -> int:
-    """Tokens per prefill row (`prefill_segment` resolved); 0 for one row per chunk."""
+    """Tokens per prefill row; 0 for one row per chunk. The Engine resolves None for its
+    model's platform (`for_platform`); an unresolved config takes JAX's default backend."""
     if self.prefill_segment is not None:
       return self.prefill_segment
     import jax
 
-    return 0 if jax.default_backend() == "tpu" else min(self.min_prefill, self.prefill_buckets[-1])
+    return self.for_platform(jax.default_backend()).prefill_segment
 
   @property
   def segment_row_buckets(self) -> tuple[int, ...]:
     """Rows of a segmented prefill call: powers of two up to 8, then every 8 (padding a call
-    by at most 7 rows), up to the rows the token budget holds."""
+    by at most 7 rows), as far as the token budget holds. Every bucket from 8 rows up is a
+    multiple of 8, so it splits evenly over up to 8 data-parallel replicas."""
     most = max(1, self.max_num_batched_tokens // self.segment)
-    small = [b for b in _powers_of_two(1, min(8, most)) if b <= most]
-    return (*small, *range(16, most + 1, 8), *([most] if most > 8 and most % 8 else []))
+    small = [b for b in (1, 2, 4, 8) if b <= most]
+    return (*small, *range(16, most + 1, 8))
+
+  def for_platform(self, platform: str) -> EngineConfig:
+    """This config with `prefill_segment` resolved for a model on `platform` (None: rows of
+    `min_prefill` tokens, except on TPU, where a chunk keeps one row)."""
+    if self.prefill_segment is not None:
+      return self
+    segment = 0 if platform == "tpu" else min(self.min_prefill, self.prefill_buckets[-1])
+    return dataclasses.replace(self, prefill_segment=segment)
 
   @property
   def page_buckets(self) -> tuple[int, ...]:  # pages per sequence

@@ -22,6 +22,8 @@ import random
 import time
 from collections.abc import Sequence
 
+import jax
+
 from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator, ReplicaAllocator
 from engine.output import RequestDelta, TextStream, TokenLogprob
@@ -51,6 +53,8 @@ class Engine:
   def __init__(self, model: Model, config: EngineConfig, *, role: str = "colocated"):
     if role not in ROLES:
       raise ValueError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
+    config = config.for_platform(devices[0].platform)
     self.model, self.config, self.role = model, config, role
     self.tokenizer = model.tokenizer
     # Data parallel replicas each keep their own slice of the pool (colocated engines; a
@@ -260,6 +264,11 @@ def _check_replicas(config: EngineConfig, replicas: int) -> None:
   if config.prefill_row_buckets[-1] < replicas:
     raise ValueError(
       f"max_prefill_seqs ({config.max_prefill_seqs}) must be at least dp ({replicas})"
+    )
+  if config.segment and config.segment_row_buckets[-1] < replicas:
+    raise ValueError(
+      f"max_num_batched_tokens ({config.max_num_batched_tokens}) must hold dp ({replicas}) "
+      f"prefill rows of {config.segment} tokens"
     )
   slice_pages = config.num_pages // replicas - 1  # each slice keeps a sink page
   if slice_pages * config.page_size < config.max_model_len:

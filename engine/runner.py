@@ -184,6 +184,8 @@ class Runner:
     padded = self.page_list(pages)
     if kv.shape != self.kv_shape(len(padded)):
       raise ValueError(f"kv: shape {kv.shape}, expected {self.kv_shape(len(padded))}")
+    if kv.dtype != self.cache.k.dtype:  # e.g. stages loaded with different --dtype
+      raise ValueError(f"kv: dtype {kv.dtype}, this pool holds {self.cache.k.dtype}")
     out = None if self.shardings is None else self.shardings.cache
     self.cache = _scatter_pages(self.cache, kv, self._replicated(padded), out)
 

@@ -178,7 +178,8 @@ class AttentionBackend:
         interpret=self.interpret,
       )  # fmt: skip
 
-    args = (q[:, 0], cache.k, cache.v, kv_lens, page_table, layer)
+    k_pool, v_pool = precision.values(cache.k), precision.values(cache.v)  # bits on CPU
+    args = (q[:, 0], k_pool, v_pool, kv_lens, page_table, layer)
     rows = _per_shard(q.shape[0], cache.k.shape[3])
     if rows is None:
       return decode(*args)[:, None]

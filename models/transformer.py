@@ -173,14 +173,18 @@ def vocab_projection(x: jax.Array, head: jax.Array, vocab_axis: int, block: int 
   V = head.shape[vocab_axis]
   if head.dtype != precision.BITS or block >= V:
     return matmul(spec, x, precision.values(head))
-  n = next(n for n in range(V // block, V + 1) if V % n == 0)  # blocks of about `block`
+  n, tail = divmod(V, block)
 
   def project(i):
-    part = jax.lax.dynamic_slice_in_dim(head, i * (V // n), V // n, axis=vocab_axis)
+    part = jax.lax.dynamic_slice_in_dim(head, i * block, block, axis=vocab_axis)
     return matmul(spec, x, precision.values(part))
 
-  logits = jax.lax.map(project, jnp.arange(n))  # [n, ..., V / n]
-  return jnp.moveaxis(logits, 0, -2).reshape(*x.shape[:-1], V)
+  logits = jax.lax.map(project, jnp.arange(n))  # [n, ..., block]
+  logits = jnp.moveaxis(logits, 0, -2).reshape(*x.shape[:-1], n * block)
+  if tail:  # the last V - n * block entries, a block of their own
+    part = jax.lax.slice_in_dim(head, n * block, V, axis=vocab_axis)
+    logits = jnp.concatenate([logits, matmul(spec, x, precision.values(part))], axis=-1)
+  return logits
 
 
 def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:

@@ -181,8 +181,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--dtype", choices=DTYPES, default="float32",
-    help="weights and KV cache: float32 (default, the reference) or bfloat16 (about 1.5x the "
-    "throughput on CPU at batch 64, half the memory; README: Precision)",
+    help="weights and KV cache: float32 (default, the reference) or bfloat16 (1.5-1.8x the "
+    "throughput on CPU at 64 requests, half the memory; README: Benchmarks)",
   )  # fmt: skip
 
 

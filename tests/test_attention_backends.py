@@ -21,8 +21,10 @@ def test_pallas_logits_match_reference(pallas_model, golden):
 
 
 def test_pallas_generation_reproduces_golden_greedy(pallas_model, golden):
-  """Prefill through flash_attention, decode through ragged_paged_attention over the pool."""
-  llm = LLM(pallas_model, EngineConfig(num_pages=64, max_model_len=256, max_batch=2))
+  """Prefill through flash_attention (a row per prompt, as on TPU), decode through
+  ragged_paged_attention over the pool."""
+  config = EngineConfig(num_pages=64, max_model_len=256, max_batch=2, prefill_segment=0)
+  llm = LLM(pallas_model, config)
   chat, prompt = golden.case(3), golden.case(0)
   outs = llm.generate([chat["ids"].tolist(), prompt["ids"].tolist()], SamplingParams(max_tokens=8))
   assert outs[0].token_ids == chat["greedy"].tolist()  # ends in EOS within 8 tokens
@@ -60,6 +62,7 @@ def test_pallas_kernels_split_themselves_over_a_mesh(golden):
   )
   case = golden.case(0)
   np.testing.assert_array_equal(model.logits(case["ids"]).argmax(-1), case["top_ids"][:, 0])
-  llm = LLM(model, EngineConfig(num_pages=32, max_model_len=128, max_batch=2))
+  config = EngineConfig(num_pages=32, max_model_len=128, max_batch=2, prefill_segment=0)
+  llm = LLM(model, config)  # a row per prompt: prefill takes the flash kernel, as on TPU
   out = llm.generate([case["ids"].tolist()], SamplingParams(max_tokens=4))[0]
   assert out.token_ids == case["greedy"][:4].tolist()

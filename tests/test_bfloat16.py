@@ -51,9 +51,9 @@ def test_smollm2_greedy_and_logit_error(bf16, golden, model):
   error = logit_error(bf16, golden)
   print(f"SmolLM2 bfloat16: {sum(matches)}/{len(matches)} greedy prefixes equal, top-20 logit "
         f"error {error:.3f}")  # fmt: skip
-  assert sum(matches) >= len(matches) - 1, matches
-  # README "Precision": logits of magnitude ~20 move by at most this much in bfloat16.
-  assert error < 0.6, error
+  assert sum(matches) >= len(matches) - 1, matches  # the issue asks 7 of 8 over both models
+  # README, Precision: logits of magnitude ~20 move by at most this much in bfloat16.
+  assert error < 0.4, error
   # And the float32 model is untouched by the mixed-precision code path: its error is tiny.
   assert logit_error(model, golden) < 1e-3
 
@@ -67,6 +67,7 @@ def test_greedy_prefixes_equal_on_seven_of_eight_golden_prompts(bf16, golden, ge
   error = logit_error(gemma, gemma_golden)
   print(f"bfloat16: {sum(matches)}/8 greedy prefixes equal; Gemma 3 top-20 logit error {error:.3f}")
   assert len(matches) == 8 and sum(matches) >= 7, matches
+  assert error < 0.25, error
 
 
 def test_checkpoint_of_a_bits_model_holds_bfloat16(bf16, tmp_path):

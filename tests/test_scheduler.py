@@ -97,6 +97,17 @@ def test_scheduler_chunks_long_prompts_under_the_budget():
   assert chunks == [15, 15, 10]
 
 
+@pytest.mark.parametrize("budget", [16, 44, 100, 304, 512, 1000])
+def test_segment_row_buckets_split_over_replicas(budget):
+  """Every prefill row bucket from 8 up splits over up to 8 replicas, and none exceeds the
+  rows the budget holds."""
+  config = EngineConfig(max_num_batched_tokens=budget, max_model_len=1024, prefill_segment=16)
+  buckets = config.segment_row_buckets
+  assert buckets[0] == 1 and buckets[-1] * 16 <= budget
+  assert all(b % 8 == 0 for b in buckets if b >= 8)
+  assert all(s in config.step_shapes for s in [(b, 16, 1) for b in buckets])
+
+
 def _simulate(
   seed: int, events: int, prefix_caching: bool, replicas: int = 1, segment: int = 4
 ) -> None:
