@@ -43,8 +43,8 @@ class ModelConfig:
   tie_embeddings: bool
   bos_token_id: int | None
   eos_token_ids: tuple[int, ...]
-  dtype: jnp.dtype = jnp.float32  # weights, KV and matmul inputs; the residual stream, norms
-  # and softmax are float32 whatever it is (models/transformer.py)
+  dtype: jnp.dtype = jnp.float32  # weights, KV and matmul inputs; norms and softmax compute
+  # in float32 whatever it is, and so does the residual stream unless split (transformer.py)
   # What families add to the Llama baseline (the defaults are Llama's).
   qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
   qk_norm: bool = False  # Gemma 3: an RMSNorm over D of every query and key head

@@ -4,11 +4,13 @@ The families differ in a few switches of `ModelConfig` (biases, QK-norm, norms a
 block, the embedding scale, the MLP's activation, sliding-window layers), not in structure, so
 they share one layer body: a fix or a kernel reaches all of them at once.
 
-Precision: weights are `cfg.dtype` (bfloat16 ones stored as bits on CPU: `models.precision`);
-the residual stream, norms, RoPE and softmax are float32. Every matmul takes its inputs in the
-weights' dtype and accumulates in float32 (`preferred_element_type`), so a bfloat16 model runs
-bfloat16 matmuls (on XLA:CPU 2-3x the float32 rate at 64 rows and more, and on TPU the MXU's
-native type) without rounding anything a matmul did not read.
+Precision: weights are `cfg.dtype` (bfloat16 ones stored as bits on CPU: `models.precision`).
+Every matmul takes its inputs in the weights' dtype and accumulates in float32
+(`preferred_element_type`), so a bfloat16 model runs bfloat16 matmuls (on XLA:CPU 2-3x the
+float32 rate at 64 rows and more, and on TPU the MXU's native type). Norms, RoPE and softmax
+compute in float32. Matmul results and the residual stream are float32, except on a mesh split
+over `model`, where they are the weights' dtype, so that the all-reduces of partial sums move
+half the bytes. The logits are always float32.
 
 Layers are stacked on a leading `layers` axis and run under `jax.lax.scan`, so XLA compiles one
 layer body whatever the depth; what differs per layer (a sliding window, its RoPE base) is data
@@ -85,10 +87,17 @@ class Transformer(nnx.Module):
     sequence has cached so far. Returns float32 logits [B, T, V] ([B, V] with `logits_at`)
     and the updated cache."""
     cfg = self.cfg
+    # The residual stream's and the matmuls' result dtype: float32, except on a mesh split over
+    # `model`, where a matmul whose contraction is split ends in an all-reduce of its partial
+    # sums, which then moves the weights' dtype: half the bytes of float32 in bfloat16 (each
+    # shard still accumulates in float32, as the MXU does).
+    mesh = jax.sharding.get_abstract_mesh()
+    split = not mesh.empty and dict(mesh.shape).get("model", 1) > 1
+    result = jnp.dtype(cfg.dtype) if split else jnp.dtype(jnp.float32)
     x = precision.values(self.embed[...][tokens])  # [B, T, E]
     if cfg.embed_scale != 1.0:
       x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # in the weights' dtype, as trained
-    x = x.astype(jnp.float32)  # the residual stream
+    x = x.astype(result)
     windows = cfg.layer_windows
     local = jnp.asarray([w > 0 for w in windows])  # [L]
     mixed = 0 < sum(w > 0 for w in windows) < cfg.num_layers  # else every layer is alike
@@ -109,8 +118,8 @@ class Transformer(nnx.Module):
     slots = None if cache is None else cache_slots(positions, page_table, cache.page_size)
 
     def project(h, w, b, spec):
-      out = matmul(spec, h, w)
-      return out if b is None else out + b.astype(jnp.float32)
+      out = matmul(spec, h, w, result)
+      return out if b is None else out + b.astype(result)
 
     def layer(carry, xs):
       x, kv = carry
@@ -137,15 +146,15 @@ class Transformer(nnx.Module):
           q, k, v, positions, kv, i, page_table,
           window=window, local=is_local if mixed else None,
         )  # fmt: skip
-        out = matmul("BTHD,HDE->BTE", attn, w["wo"])
+        out = matmul("BTHD,HDE->BTE", attn, w["wo"], result)
         if cfg.post_norms:
           out = rms_norm(out, w["post_attn_norm"], cfg.norm_eps)
         x = x + out
       with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        gate = activation(matmul("BTE,EF->BTF", h, w["w_gate"]))
-        up = matmul("BTE,EF->BTF", h, w["w_up"])
-        out = matmul("BTF,FE->BTE", gate * up, w["w_down"])
+        gate = activation(matmul("BTE,EF->BTF", h, w["w_gate"], result))
+        up = matmul("BTE,EF->BTF", h, w["w_up"], result)
+        out = matmul("BTF,FE->BTE", gate * up, w["w_down"], result)
         if cfg.post_norms:
           out = rms_norm(out, w["post_mlp_norm"], cfg.norm_eps)
         x = x + out
@@ -187,9 +196,9 @@ def vocab_projection(x: jax.Array, head: jax.Array, vocab_axis: int, block: int 
   return logits
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  """einsum(spec, x, w) with x in w's dtype, accumulated and returned in float32."""
-  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+def matmul(spec: str, x: jax.Array, w: jax.Array, result=jnp.float32) -> jax.Array:
+  """einsum(spec, x, w) with x in w's dtype, accumulated in float32 and returned as `result`."""
+  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=result)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
