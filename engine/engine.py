@@ -22,6 +22,8 @@ import random
 import time
 from collections.abc import Sequence
 
+import jax
+
 from engine.config import EngineConfig
 from engine.kv_manager import PageAllocator, ReplicaAllocator
 from engine.output import RequestDelta, TextStream, TokenLogprob
@@ -51,7 +53,8 @@ class Engine:
   def __init__(self, model: Model, config: EngineConfig, *, role: str = "colocated"):
     if role not in ROLES:
       raise ValueError(f"role: {role!r} is not one of {', '.join(ROLES)}")
-    config = config.for_platform(model.platform)
+    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
+    config = config.for_platform(devices[0].platform)
     self.model, self.config, self.role = model, config, role
     self.tokenizer = model.tokenizer
     # Data parallel replicas each keep their own slice of the pool (colocated engines; a

@@ -132,7 +132,8 @@ class Runner:
     self.model, self.config, self.replicas = model, config, replicas
     cfg = model.config
     self.shardings = None
-    storage = precision.storage_dtype(cfg.dtype, model.platform)
+    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
+    storage = precision.storage_dtype(cfg.dtype, devices[0].platform)
     if model.mesh is None:
       self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size, storage)
     else:

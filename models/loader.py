@@ -99,11 +99,6 @@ class Model:
     self.graphdef, self.state = nnx.split(module)
     self.layout, self.mesh = layout, mesh
 
-  @property
-  def platform(self) -> str:
-    """Where the model lives ("cpu", "tpu", "gpu"): its mesh's devices, else the default."""
-    return _platform(self.mesh)
-
   def logits(self, token_ids) -> np.ndarray:
     """Full forward without a cache, the reference path: [T] ids -> [T, V] float32 logits."""
     ids = np.asarray(token_ids, dtype=np.int32)
@@ -144,10 +139,6 @@ def _store_weights(module: Transformer, storage) -> None:
   state = nnx.state(module, nnx.Param)
   state = jax.tree.map(lambda x: _as_storage(x, storage) if x.dtype == dtype else x, state)
   nnx.update(module, state)
-
-
-def _platform(mesh: Mesh | None) -> str:
-  return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
 
 def _is_variable(x) -> bool:
@@ -210,7 +201,8 @@ def load_model(
   else:
     load = _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
-  _store_weights(module, precision.storage_dtype(config.dtype, _platform(mesh)))
+  devices = jax.devices() if mesh is None else mesh.devices.flat
+  _store_weights(module, precision.storage_dtype(config.dtype, devices[0].platform))
   where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
   seconds = time.perf_counter() - start
   log.info("model %s ready in %.1fs%s, %s attention", config.name, seconds, where, attention.kind)
