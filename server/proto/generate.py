@@ -3,8 +3,8 @@
     .venv/bin/python -m server.proto.generate
 
 Paths are taken from the repository root, so the stubs import each other as
-`server.proto.meshserve.v1`. `tests/test_server_proto.py` checks that the committed stubs are
-what this command writes.
+`server.proto.meshserve.v1`. `tests/test_server_proto.py` checks that the committed stubs
+describe what the .proto files say; scripts/lock.txt fixes the generator's version.
 """
 
 from __future__ import annotations
