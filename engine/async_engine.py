@@ -27,6 +27,7 @@ import functools
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from engine.config import EngineConfig
@@ -37,6 +38,11 @@ from engine.output import RequestDelta
 from engine.request import RequestState
 from engine.sampling import SamplingParams
 from models import ModelConfig
+
+
+def new_request_id() -> str:
+  """A server-assigned request id: random, so no client can guess (and take) it ahead."""
+  return uuid.uuid4().hex
 
 
 class QueueFullError(RuntimeError):
@@ -120,9 +126,12 @@ class AsyncEngine:
     request_id: str | None = None,
     *,
     deadline: float | None = None,
+    cache_salt: str = "",
   ) -> AsyncIterator[RequestDelta | Handoff]:
     """Streams the request's deltas; the last has a finish_reason. deadline: the running
-    loop's `time()` by which the request must be done.
+    loop's `time()` by which the request must be done. Without a request_id the request gets
+    a random one (`new_request_id`). cache_salt: the request shares prefix-cache pages only
+    with requests of the same salt.
 
     On a prefill-role engine the stream stops after the first token's delta with a `Handoff`
     (unless that token finished the request). The request's pages stay pinned until the
@@ -131,8 +140,9 @@ class AsyncEngine:
     arrival = time.perf_counter()
     ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     self.engine.validate(ids, params)
-    internal = f"{request_id or 'req'}#{next(self._ids)}"
-    submit = functools.partial(self.core.add, internal, ids, params, arrival)
+    request_id = request_id or new_request_id()
+    internal = f"{request_id}#{next(self._ids)}"
+    submit = functools.partial(self.core.add, internal, ids, params, arrival, cache_salt)
     async for event in self._stream(internal, request_id, submit, deadline):
       yield event
 
@@ -146,7 +156,8 @@ class AsyncEngine:
   ) -> AsyncIterator[RequestDelta | Landed]:
     """Decode role: continues a request a prefill stage took to its first token. Streams
     `Landed` once its KV is in the pool, then its deltas from the second token on."""
-    internal = f"{request_id or 'req'}#{next(self._ids)}"
+    request_id = request_id or new_request_id()
+    internal = f"{request_id}#{next(self._ids)}"
     submit = functools.partial(
       self.core.import_request, internal, state, fetch, time.perf_counter()
     )
@@ -159,8 +170,8 @@ class AsyncEngine:
     if self.core.error is None:
       self.core.release(handoff.request_id)
 
-  async def _stream(self, internal: str, request_id: str | None, submit, deadline):
-    stream = _Stream(request_id or internal, asyncio.get_running_loop(), asyncio.Queue())
+  async def _stream(self, internal: str, request_id: str, submit, deadline):
+    stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue())
     self._open(internal, stream)
     finished = False
     try:
@@ -202,18 +213,30 @@ class AsyncEngine:
     """Stops the core; open streams end with finish_reason "abort"."""
     self.core.shutdown(timeout)
 
+  def check_queue(self) -> None:
+    """Raises QueueFullError (or EngineDeadError) if a request arriving now would be refused:
+    a caller checks before the costly work of tokenizing it."""
+    with self._lock:
+      self._check_queue()
+
+  def _check_queue(self) -> None:
+    if self.core.error is not None:
+      raise EngineDeadError(str(self.core.error))
+    limit = None if self.max_queue is None else self.engine.config.max_batch + self.max_queue
+    # Handed-off requests whose pages are still pinned count too: they hold pages as a running
+    # request does, however long the decode side takes.
+    held = len(self._streams) + self.core.stats().get("pinned", 0)
+    if limit is not None and held >= limit:
+      raise QueueFullError(
+        f"the queue is full: {held} requests in flight, at most "
+        f"{self.engine.config.max_batch} running and {self.max_queue} waiting"
+      )
+
   def _open(self, internal: str, stream: _Stream) -> None:
     with self._lock:
-      if self.core.error is not None:
-        raise EngineDeadError(str(self.core.error))
       if stream.client_id in self._client_ids:
         raise RequestIdInUseError(f"request_id: {stream.client_id!r} is already in flight")
-      limit = None if self.max_queue is None else self.engine.config.max_batch + self.max_queue
-      if limit is not None and len(self._streams) >= limit:
-        raise QueueFullError(
-          f"the queue is full: {len(self._streams)} requests in flight, at most "
-          f"{self.engine.config.max_batch} running and {self.max_queue} waiting"
-        )
+      self._check_queue()
       self._streams[internal] = stream
       self._client_ids.add(stream.client_id)
 

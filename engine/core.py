@@ -44,6 +44,7 @@ class _Add:
   token_ids: list[int]
   params: SamplingParams
   arrival: float  # time.perf_counter()
+  cache_salt: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class EngineCore:
     self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
     self._moving: dict[str, _Import] = {}  # reserved, KV on its way
     self.transfer_timeout = 60.0  # seconds a started KV fetch may take before it fails
+    self._stalled = False  # the last turn had requests but could schedule none of them
     self.transfers = dict(
       kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
     )
@@ -104,12 +106,17 @@ class EngineCore:
     self._thread.start()
 
   def add(
-    self, request_id: str, token_ids: Sequence[int], params: SamplingParams, arrival: float
+    self,
+    request_id: str,
+    token_ids: Sequence[int],
+    params: SamplingParams,
+    arrival: float,
+    cache_salt: str = "",
   ) -> None:
     """Queues a request that `engine.validate` accepted. Never blocks."""
     if self.error is not None:
       raise EngineDeadError(str(self.error))
-    self._inbox.put(_Add(request_id, list(token_ids), params, arrival))
+    self._inbox.put(_Add(request_id, list(token_ids), params, arrival, cache_salt))
 
   def abort(self, request_id: str) -> None:
     """Stops a request wherever it is and frees its pages. Never blocks; unknown ids are
@@ -163,11 +170,12 @@ class EngineCore:
 
   def _turn(self) -> bool:
     """Drains the inbox, moves imports along and runs one step; False once told to stop."""
-    # Block only while idle: a busy engine just looks at the inbox between steps, and one
-    # with KV on its way looks again soon.
+    # Block while nothing can move: a busy engine just looks at the inbox between steps; one
+    # whose requests all wait (for pages that pinned or reserved requests hold) or that has
+    # only KV on its way sleeps until a message comes, looking again soon for the KV.
     events: list = []
     messages = []
-    if not self.engine.has_unfinished():
+    if not self.engine.has_unfinished() or self._stalled:
       with contextlib.suppress(queue.Empty):
         messages.append(self._inbox.get(timeout=0.002 if self._moving else None))
     while True:
@@ -180,19 +188,15 @@ class EngineCore:
         self._abort_all(events)
         self._on_deltas(events)
         return False
-      if isinstance(m, _Add):
-        self.engine.add_request(m.token_ids, m.params, m.request_id, arrival=m.arrival)
-      elif isinstance(m, _Import):
-        self._imports.append(m)
-      elif isinstance(m, _Release):
-        self.engine.release(m.request_id)
-      else:
-        self._abort(m.request_id, events)
+      self._take(m, events)
     self._move_imports(events)
+    self._stalled = False
     if self.engine.has_unfinished():
       if self._step_hook is not None:
         self._step_hook()
+      steps = self.engine.num_steps
       events += self.engine.step()
+      self._stalled = self.engine.num_steps == steps  # nothing could be scheduled
       for request, pages in self.engine.take_handoffs():
         kv = self.engine.runner.export_pages(pages)
         state = RequestState.of(request)
@@ -201,6 +205,25 @@ class EngineCore:
     if events:
       self._on_deltas(events)
     return True
+
+  def _take(self, m, events: list) -> None:
+    """Acts on one inbox message. A request whose own data the engine refuses fails alone
+    (its stream ends with the error); the core goes on."""
+    try:
+      if isinstance(m, _Add):
+        self.engine.add_request(
+          m.token_ids, m.params, m.request_id, arrival=m.arrival, cache_salt=m.cache_salt
+        )
+      elif isinstance(m, _Import):
+        self.engine.validate_state(m.state)  # it came from another process
+        self._imports.append(m)
+      elif isinstance(m, _Release):
+        self.engine.release(m.request_id)
+      else:
+        self._abort(m.request_id, events)
+    except ValueError as e:
+      log.warning("request %s refused: %s", m.request_id, e)
+      events.append(StageFailed(m.request_id, e))
 
   def _move_imports(self, events: list) -> None:
     """Reserves pages for waiting imports (in order, while the pool allows), starts their

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from engine.async_engine import AsyncEngine, RequestIdInUseError
+from engine.async_engine import AsyncEngine, RequestIdInUseError, new_request_id
 from engine.config import EngineConfig
 from engine.core import EngineDeadError
 from engine.engine import Engine
@@ -92,16 +92,17 @@ class DisaggregatedEngine:
     request_id: str | None = None,
     *,
     deadline: float | None = None,
+    cache_salt: str = "",
   ) -> AsyncIterator[RequestDelta]:
     """As AsyncEngine.generate; the last delta's timing has the KV's transfer time."""
-    if request_id is not None:
-      if request_id in self._client_ids:
-        raise RequestIdInUseError(f"request_id: {request_id!r} is already in flight")
-      self._client_ids.add(request_id)
+    if request_id in self._client_ids:
+      raise RequestIdInUseError(f"request_id: {request_id!r} is already in flight")
+    request_id = request_id or new_request_id()  # one id across both stages
+    self._client_ids.add(request_id)
     # The stages run in a task of their own, so the KV moves on as soon as the first token is
     # out, however slowly the caller reads.
     queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(self._pump(prompt, params, request_id, deadline, queue))
+    task = asyncio.create_task(self._pump(prompt, params, request_id, deadline, cache_salt, queue))
     try:
       while (item := await queue.get()) is not _END:
         if isinstance(item, BaseException):
@@ -113,18 +114,20 @@ class DisaggregatedEngine:
       with contextlib.suppress(asyncio.CancelledError):
         await task
 
-  async def _pump(self, prompt, params, request_id, deadline, queue: asyncio.Queue) -> None:
+  async def _pump(self, prompt, params, request_id, deadline, salt, queue) -> None:
     try:
-      async for delta in self._generate(prompt, params, request_id, deadline):
+      async for delta in self._generate(prompt, params, request_id, deadline, salt):
         queue.put_nowait(delta)
       queue.put_nowait(_END)
     except Exception as e:  # noqa: BLE001 - the caller raises it
       queue.put_nowait(e)
 
-  async def _generate(self, prompt, params, request_id, deadline):
+  async def _generate(self, prompt, params, request_id, deadline, salt):
     arrival, first, handoff = time.perf_counter(), None, None
     try:
-      prefill = self.prefill.generate(prompt, params, request_id, deadline=deadline)
+      prefill = self.prefill.generate(
+        prompt, params, request_id, deadline=deadline, cache_salt=salt
+      )
       async with contextlib.aclosing(prefill):
         async for event in prefill:
           if isinstance(event, Handoff):
@@ -162,6 +165,12 @@ class DisaggregatedEngine:
       for key, value in stats.items():
         out[key] = out.get(key, 0) + value
     return out
+
+  def check_queue(self) -> None:
+    """As AsyncEngine.check_queue, for the prefill stage's queue."""
+    if self.decode.error is not None:
+      raise EngineDeadError(str(self.decode.error))
+    self.prefill.check_queue()
 
   def stages(self) -> list[tuple[str, dict]]:
     return [("prefill", self.prefill.stats()), ("decode", self.decode.stats())]

@@ -97,6 +97,38 @@ class Engine:
     if any(t >= vocab for t in params.stop_token_ids):
       raise ValueError(f"stop_token_ids: ids must lie in [0, {vocab})")
 
+  def validate_state(self, state: RequestState) -> None:
+    """Raises ValueError naming the field when a hand-off's state cannot be continued here:
+    it comes from another process, so nothing in it is trusted. Field names are those of
+    the hand-off message (stages.proto)."""
+    vocab, limit = self.model.config.vocab_size, self.config.max_model_len
+    if not state.prompt_ids:
+      raise ValueError("prompt_token_ids: the prompt is empty")
+    if min(state.prompt_ids) < 0 or max(state.prompt_ids) >= vocab:
+      raise ValueError(f"prompt_token_ids: ids must lie in [0, {vocab})")
+    if len(state.prompt_ids) >= limit:
+      raise ValueError(f"prompt_token_ids: {len(state.prompt_ids)} tokens fill max_model_len")
+    if any(t >= vocab for t in state.params.stop_token_ids):
+      raise ValueError(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
+    if not state.output_ids:
+      raise ValueError("output_token_ids: a hand-off carries at least the first token")
+    if min(state.output_ids) < 0 or max(state.output_ids) >= vocab:
+      raise ValueError(f"output_token_ids: ids must lie in [0, {vocab})")
+    total = len(state.prompt_ids) + len(state.output_ids)
+    if total >= limit:
+      raise ValueError(f"output_token_ids: {total} tokens leave no room within {limit}")
+    if len(state.output_ids) >= state.params.max_tokens:
+      raise ValueError(
+        f"output_token_ids: {len(state.output_ids)} tokens already reach max_tokens "
+        f"{state.params.max_tokens}"
+      )
+    if not (isinstance(state.seed, int) and 0 <= state.seed < 2**32):
+      raise ValueError(f"seed: must be an integer in [0, 2**32), got {state.seed!r}")
+    if not 0 <= state.num_cached_tokens <= len(state.prompt_ids):
+      raise ValueError(
+        f"num_cached_tokens: {state.num_cached_tokens} is not in [0, {len(state.prompt_ids)}]"
+      )
+
   def add_request(
     self,
     token_ids: Sequence[int],
@@ -104,9 +136,11 @@ class Engine:
     request_id: str | None = None,
     *,
     arrival: float | None = None,
+    cache_salt: str = "",
   ) -> str:
     """Queues a request; returns its id. Raises ValueError naming the offending field for bad
-    input. `arrival` (a time.perf_counter() reading) is when its timings start."""
+    input. `arrival` (a time.perf_counter() reading) is when its timings start; `cache_salt`
+    scopes its prefix-cache pages (see PageAllocator.match_prefix)."""
     params = params or SamplingParams()
     if request_id is None:
       request_id = f"req-{next(self._ids)}"
@@ -118,7 +152,7 @@ class Engine:
     # process of a multi-host engine draws the same tokens and keeps the same schedule.
     seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
     stream = TextStream(self.tokenizer, params.stop)
-    request = Request(request_id, ids, len(ids), params, seed, stream)
+    request = Request(request_id, ids, len(ids), params, seed, stream, cache_salt)
     if arrival is not None:
       request.arrival = arrival
     self.requests[request_id] = request
@@ -195,7 +229,9 @@ class Engine:
     for chunk in schedule.prefills + schedule.decodes:
       request = chunk.request
       request.num_computed += chunk.length
-      self.allocator.commit(request.request_id, request.token_ids, request.num_computed)
+      self.allocator.commit(
+        request.request_id, request.token_ids, request.num_computed, salt=request.cache_salt
+      )
     outputs = []
     for chunk, sampled in results:
       request = chunk.request

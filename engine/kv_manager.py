@@ -22,6 +22,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 
+def cache_root(salt: str) -> bytes:
+  """The parent of a request's first page hash: requests of different salts never share a
+  cached page (b"" without a salt)."""
+  return hashlib.sha256(b"cache_salt\0" + salt.encode()).digest() if salt else b""
+
+
 def page_hashes(
   token_ids: Sequence[int], page_size: int, stop: int, *, start: int = 0, parent: bytes = b""
 ) -> Iterator[bytes]:
@@ -59,12 +65,15 @@ class PageAllocator:
   def replica_of(self, request_id: str) -> int:
     return 0
 
-  def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+  def _cached_prefix(
+    self, token_ids: Sequence[int], salt: str = ""
+  ) -> tuple[list[int], list[bytes]]:
     """The cached pages holding a prefix of `token_ids` (never its last token), and keys."""
     pages: list[int] = []
     keys: list[bytes] = []
     if self.prefix_caching:
-      for key in page_hashes(token_ids, self.page_size, (len(token_ids) - 1) // self.page_size):
+      stop = (len(token_ids) - 1) // self.page_size
+      for key in page_hashes(token_ids, self.page_size, stop, parent=cache_root(salt)):
         page = self.cached.get(key)
         if page is None:
           break
@@ -73,13 +82,19 @@ class PageAllocator:
     return pages, keys
 
   def match_prefix(
-    self, request_id: str, token_ids: Sequence[int], replicas: Sequence[int] = (0,)
+    self,
+    request_id: str,
+    token_ids: Sequence[int],
+    replicas: Sequence[int] = (0,),
+    *,
+    salt: str = "",
   ) -> int:
-    """Adopts the cached pages holding a prefix of `token_ids` as the start of a new
-    request's table; returns the number of tokens they hold. The last token is always left
-    to compute, since its logits are needed. (`replicas`: see ReplicaAllocator.)"""
+    """Adopts the cached pages holding a prefix of `token_ids` (among those cached under the
+    same `salt`) as the start of a new request's table; returns the number of tokens they
+    hold. The last token is always left to compute, since its logits are needed.
+    (`replicas`: see ReplicaAllocator.)"""
     assert request_id not in self.tables, request_id
-    pages, keys = self._cached_prefix(token_ids)
+    pages, keys = self._cached_prefix(token_ids, salt)
     for page in pages:
       self._ref(page)
     self.tables[request_id] = pages
@@ -102,13 +117,16 @@ class PageAllocator:
       table.append(page)
     return table
 
-  def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-    """Registers the request's pages that are now full of computed KV in the prefix cache."""
+  def commit(
+    self, request_id: str, token_ids: Sequence[int], num_computed: int, *, salt: str = ""
+  ) -> None:
+    """Registers the request's pages that are now full of computed KV in the prefix cache,
+    under its `salt`."""
     if not self.prefix_caching:
       return
     table, keys = self.tables[request_id], self.keys.setdefault(request_id, [])
     full = min(num_computed // self.page_size, len(table))
-    parent = keys[-1] if keys else b""
+    parent = keys[-1] if keys else cache_root(salt)
     for i, key in enumerate(
       page_hashes(token_ids, self.page_size, full, start=len(keys), parent=parent), len(keys)
     ):
@@ -165,26 +183,33 @@ class ReplicaAllocator:
     return [] if replica is None else self.parts[replica].table(request_id)
 
   def match_prefix(
-    self, request_id: str, token_ids: Sequence[int], replicas: Sequence[int] | None = None
+    self,
+    request_id: str,
+    token_ids: Sequence[int],
+    replicas: Sequence[int] | None = None,
+    *,
+    salt: str = "",
   ) -> int:
     """Assigns the request to one of `replicas` (default: any): the one caching the longest
     prefix of it, then the one with the most free pages; then adopts that prefix."""
     candidates = range(self.replicas) if replicas is None else replicas
 
     def score(r: int) -> tuple[int, int]:
-      return len(self.parts[r]._cached_prefix(token_ids)[0]), self.parts[r].num_free
+      return len(self.parts[r]._cached_prefix(token_ids, salt)[0]), self.parts[r].num_free
 
     replica = max(candidates, key=score)
     self.assigned[request_id] = replica
-    return self.parts[replica].match_prefix(request_id, token_ids)
+    return self.parts[replica].match_prefix(request_id, token_ids, salt=salt)
 
   def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
     if request_id not in self.assigned:
       self.assigned[request_id] = max(range(self.replicas), key=lambda r: self.parts[r].num_free)
     return self.parts[self.assigned[request_id]].allocate(request_id, num_tokens)
 
-  def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-    self.parts[self.assigned[request_id]].commit(request_id, token_ids, num_computed)
+  def commit(
+    self, request_id: str, token_ids: Sequence[int], num_computed: int, *, salt: str = ""
+  ) -> None:
+    self.parts[self.assigned[request_id]].commit(request_id, token_ids, num_computed, salt=salt)
 
   def free(self, request_id: str) -> None:
     replica = self.assigned.pop(request_id, None)

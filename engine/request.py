@@ -22,6 +22,7 @@ class Request:
   params: SamplingParams
   seed: int
   stream: TextStream
+  cache_salt: str = ""  # prefix-cache scope: pages are shared only under the same salt
   arrival: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter clock
   num_computed: int = 0
   num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
@@ -92,12 +93,13 @@ class RequestState:
   params: SamplingParams  # max_tokens resolved
   seed: int  # resolved: the decode stage draws the same random stream
   num_cached_tokens: int = 0
+  cache_salt: str = ""
 
   @classmethod
   def of(cls, request: Request) -> RequestState:
     return cls(
       list(request.token_ids[: request.prompt_len]), list(request.output_ids), request.params,
-      request.seed, request.num_cached_tokens,
+      request.seed, request.num_cached_tokens, request.cache_salt,
     )  # fmt: skip
 
   def resume(self, request_id: str, tokenizer: Tokenizer) -> Request:
@@ -107,7 +109,9 @@ class RequestState:
     for token in self.output_ids:
       stream.add(token)
     ids = self.prompt_ids + self.output_ids
-    request = Request(request_id, ids, len(self.prompt_ids), self.params, self.seed, stream)
+    request = Request(
+      request_id, ids, len(self.prompt_ids), self.params, self.seed, stream, self.cache_salt
+    )
     request.num_computed = len(self.prompt_ids)
     request.num_cached_tokens = self.num_cached_tokens
     request.logprobs = [None] * len(self.output_ids)  # reported by the prefill stage

@@ -20,6 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask logprobs for
+# Bounds on a request's stop conditions, so one request's cost per token stays small for the
+# engine thread that serves every request (GetModelInfo reports them).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,8 +66,18 @@ class SamplingParams:
         raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
     if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
       raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-    if any(not s for s in self.stop):
+    if len(self.stop) > MAX_STOP_STRINGS:
+      raise ValueError(f"stop: {len(self.stop)} stop strings, at most {MAX_STOP_STRINGS}")
+    if any(not isinstance(s, str) or not s for s in self.stop):
       raise ValueError("stop: stop strings must be non-empty")
+    if (longest := max(map(len, self.stop), default=0)) > MAX_STOP_STRING_CHARS:
+      raise ValueError(
+        f"stop: a stop string of {longest} characters, at most {MAX_STOP_STRING_CHARS}"
+      )
+    if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+      raise ValueError(
+        f"stop_token_ids: {len(self.stop_token_ids)} ids, at most {MAX_STOP_TOKEN_IDS}"
+      )
     if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
       raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
     if self.logprobs is not None and not (

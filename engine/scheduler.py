@@ -165,13 +165,24 @@ class Scheduler:
         room = [r for r in range(replicas) if rows[r] < rows_per_replica]
         if not room:
           break
-        cached = self.allocator.match_prefix(request.request_id, request.token_ids, room)
+        cached = self.allocator.match_prefix(
+          request.request_id, request.token_ids, room, salt=request.cache_salt
+        )
         request.num_computed = cached
         if request.scheduled_at is None:
           request.num_cached_tokens = cached
       length = chunk_length(request)
-      if length == 0 or (
-        self.allocator.allocate(request.request_id, request.num_computed + length) is None
+      # With nothing running, only pinned or reserved pages (released from outside) can make
+      # room: a prompt the pool cannot hold whole would start, run out and preempt itself over
+      # and over. It waits instead, and the engine sleeps until a release.
+      whole = -(-(request.num_tokens + 1) // cfg.page_size)
+      starved = not self.running and (
+        whole - len(self.allocator.table(request.request_id)) > self.allocator.num_free
+      )
+      if (
+        length == 0
+        or starved
+        or self.allocator.allocate(request.request_id, request.num_computed + length) is None
       ):
         self.allocator.free(request.request_id)  # let go of the prefix pages it adopted
         request.num_computed = 0

@@ -92,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     host=args.host,
     port=args.port,
     metrics_port=args.metrics_port,
+    metrics_host=args.metrics_host,
+    internal_host=args.internal_host,
+    handoff_timeout=args.handoff_timeout,
     engine=engine,
     max_queue=args.max_queue,
     tls_cert=args.tls_cert,
@@ -247,9 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   srv = sub.add_parser("serve", help="run the gRPC server (meshserve.v1.Inference)")
   srv.add_argument("--model", default=None, help=MODEL_HELP)
-  srv.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
+  srv.add_argument("--host", default="0.0.0.0", help="address the gRPC server binds")
   srv.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
   srv.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics")
+  srv.add_argument(
+    "--metrics-host", default="127.0.0.1",
+    help="address /metrics binds (it has no auth; 0.0.0.0 opens it on every interface)",
+  )  # fmt: skip
   srv.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens")
   srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
   srv.add_argument("--num-pages", type=int, default=1024, help="KV cache pages")
@@ -287,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--role", choices=("all", "prefill", "decode", "router"), default="all",
     help="all: serve here; prefill/decode: a stage worker for a router; router: the public "
     "endpoint over workers",
+  )  # fmt: skip
+  topo.add_argument(
+    "--internal-host", default="127.0.0.1",
+    help="prefill/decode: address the KV transfer server binds (and peers dial)",
+  )  # fmt: skip
+  topo.add_argument(
+    "--handoff-timeout", type=float, default=30.0,
+    help="prefill: seconds a hand-off's pages stay pinned waiting for the decode side",
   )  # fmt: skip
   topo.add_argument("--prefill", default=None, help="router: prefill workers, ADDR[,ADDR...]")
   topo.add_argument("--decode", default=None, help="router: decode workers, ADDR[,ADDR...]")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine import RequestDelta, RequestIdInUseError, RequestTiming
+from engine.async_engine import new_request_id
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
@@ -151,7 +151,6 @@ class Router:
 class RouterServicer(inference_pb2_grpc.InferenceServicer):
   def __init__(self, router: Router, metrics: Metrics):
     self.router, self.metrics = router, metrics
-    self._ids = itertools.count()
     self._client_ids: set[str] = set()  # in flight, across both stages
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -164,6 +163,9 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       return call
 
     client_id = None
+    # The client sees its own id (or a random one); the workers see one the router reserved,
+    # so no client id can collide with another request on a worker.
+    reply_id = request.request_id or new_request_id()
     try:
       if request.request_id in self._client_ids:
         raise RequestIdInUseError(f"request_id: {request.request_id!r} is already in flight")
@@ -171,8 +173,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       if client_id:
         self._client_ids.add(client_id)
       prefill, decode = self.router.pick("prefill"), self.router.pick("decode")
-      if not request.request_id:
-        request.request_id = f"req#{next(self._ids)}"
+      request.request_id = new_request_id()
       timeout = context.time_remaining()
       first = track(prefill, prefill.stage.Prefill(timeout=timeout, metadata=prefill.metadata))
       await first.write(
@@ -186,6 +187,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
           handoff = event.handoff
           break
         first_token_at, last = time.perf_counter(), event.first
+        event.first.request_id = reply_id
         yield event.first
       if handoff is not None:
         rest = track(
@@ -207,6 +209,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
               await first.done_writing()
             continue
           response = event.response
+          response.request_id = reply_id
           if response.finish_reason:
             timing = RequestTiming(
               queued_s=handoff.queue_s,
@@ -235,7 +238,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       status = grpc.StatusCode.CANCELLED
       raise
     except Exception as e:  # a defect here: say what it was, and serve on
-      log.exception("request %r failed in the router", request.request_id)
+      log.exception("request %r failed in the router", reply_id)
       status, message = grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"
     finally:
       if client_id:
@@ -244,7 +247,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
         call.cancel()  # a no-op on a finished call; otherwise the worker frees the pages
         worker.calls.discard(call)
       record(
-        self.metrics, request.request_id, _as_delta(request.request_id, last), status,
+        self.metrics, reply_id, _as_delta(reply_id, last), status,
         time.perf_counter() - start,
       )  # fmt: skip
     if status != grpc.StatusCode.OK:

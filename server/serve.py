@@ -51,6 +51,9 @@ class ServeOptions:
   host: str = "0.0.0.0"
   port: int = 50051
   metrics_port: int | None = None
+  metrics_host: str = "127.0.0.1"  # /metrics has no auth: loopback unless the operator asks
+  internal_host: str = "127.0.0.1"  # a stage worker's KV transfer server
+  handoff_timeout: float = 30.0  # a prefill worker holds a hand-off's pages at most this long
   engine: EngineConfig = EngineConfig()
   max_queue: int | None = 256
   tls_cert: pathlib.Path | None = None
@@ -174,15 +177,17 @@ async def serve(opts: ServeOptions) -> int:
   if opts.role in ("prefill", "decode"):
     from server.stages import stage_service
 
-    services.append(stage_service(engine, public, opts.host))
+    services.append(
+      stage_service(engine, public, opts.internal_host, handoff_timeout=opts.handoff_timeout)
+    )
   server, port = _grpc_server(opts, services, checks, token)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   tls = " with TLS" if opts.tls_cert else ""
   log.info("listening on %s:%d%s; NOT_SERVING until warm", opts.host, port, tls)
   if opts.metrics_port is not None:
-    metrics.serve(opts.metrics_port, opts.host)
-    log.info("metrics on http://%s:%d/metrics", opts.host, opts.metrics_port)
+    metrics.serve(opts.metrics_port, opts.metrics_host)
+    log.info("metrics on http://%s:%d/metrics", opts.metrics_host, opts.metrics_port)
 
   while not (engine.ready.is_set() or stop.is_set()):  # a signal may cut the warm-up short
     await asyncio.sleep(0.1)

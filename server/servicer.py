@@ -6,6 +6,7 @@ Every failure has one status code, and its message names the field at fault:
   RESOURCE_EXHAUSTED  the queue is full
   DEADLINE_EXCEEDED   the call's deadline passed
   UNAVAILABLE         the engine has failed or is shutting down
+  INTERNAL            anything else: a bug (the message has the request id, the log a traceback)
 A request whose client disconnects or cancels is aborted and its KV pages freed.
 """
 
@@ -28,7 +29,12 @@ from engine import (
   SamplingParams,
 )
 from engine.handoff import TransferError
-from engine.sampling import MAX_LOGPROBS
+from engine.sampling import (
+  MAX_LOGPROBS,
+  MAX_STOP_STRING_CHARS,
+  MAX_STOP_STRINGS,
+  MAX_STOP_TOKEN_IDS,
+)
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc
@@ -36,6 +42,7 @@ from server.proto.meshserve.v1 import inference_pb2_grpc
 log = logging.getLogger("meshserve.requests")
 
 MAX_TEXT_BYTES = 1 << 20  # a longer text cannot fit any context; refuse it before tokenizing
+MAX_CACHE_SALT_BYTES = 256
 DEFAULT_MAX_TOKENS = 64
 CHAT_ROLES = ("system", "user", "assistant")
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -65,8 +72,9 @@ class WrongStage(RuntimeError):
   pass
 
 
-def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
-  """The status code and message a failed call ends with."""
+def status_of(e: Exception, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+  """The status code and message a failed call ends with. An error nobody expected is logged
+  with its traceback and ends the call INTERNAL, naming the request."""
   if isinstance(e, ValueError):  # InvalidArgument, or the engine's own checks
     return grpc.StatusCode.INVALID_ARGUMENT, str(e)
   if isinstance(e, RequestIdInUseError):
@@ -74,12 +82,15 @@ def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
   if isinstance(e, QueueFullError):
     return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
   if isinstance(e, TimeoutError):
-    return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
+    return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "the deadline passed"
   if isinstance(e, EngineDeadError | EngineNotReady | TransferError):
     return grpc.StatusCode.UNAVAILABLE, str(e)
   if isinstance(e, WrongStage):
     return grpc.StatusCode.FAILED_PRECONDITION, str(e)
-  raise e
+  log.error("request %r failed", request_id or "-", exc_info=e)
+  return grpc.StatusCode.INTERNAL, (
+    f"internal error in request {request_id or '(no id)'}: {type(e).__name__}: {e}"
+  )
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -105,8 +116,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
       ids, params = await self.parse(request)
       stream = self.engine.generate(
-        ids, params, request.request_id or None, deadline=deadline_of(context)
-      )
+        ids, params, request.request_id or None, deadline=deadline_of(context),
+        cache_salt=request.cache_salt,
+      )  # fmt: skip
       async with contextlib.aclosing(stream):
         async for delta in stream:
           if delta.finish_reason == "abort":
@@ -117,7 +129,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       status = grpc.StatusCode.CANCELLED
       raise
     except Exception as e:
-      status, message = status_of(e)
+      status, message = status_of(e, request.request_id or (delta and delta.request_id))
     finally:
       record(self.metrics, request.request_id, delta, status, time.perf_counter() - start)
     if status != grpc.StatusCode.OK:
@@ -127,6 +139,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """The prompt's token ids and the sampling parameters; InvalidArgument names the field."""
     if not self.engine.ready.is_set():
       raise EngineNotReady("the server is warming up; health turns SERVING when it is done")
+    # What costs nothing to check comes first: tokenizing a long text may take a while.
+    _check_size(request.cache_salt, "cache_salt", MAX_CACHE_SALT_BYTES)
+    sampling_of(request.sampling)
+    self.engine.check_queue()
     field, ids = await self._prompt(request.text, request.token_ids, request.messages)
     return ids, self._sampling(request.sampling, field, len(ids))
 
@@ -163,6 +179,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         pb.Stage(role=role, stats=stage_stats(stats)) for role, stats in self.engine.stages()
       ],
       max_num_batched_tokens=cfg.max_num_batched_tokens,
+      max_stop_strings=MAX_STOP_STRINGS,
+      max_stop_string_chars=MAX_STOP_STRING_CHARS,
+      max_stop_token_ids=MAX_STOP_TOKEN_IDS,
+      max_text_bytes=MAX_TEXT_BYTES,
     )
 
   async def _prompt(self, text: str, token_ids, messages) -> tuple[str, list[int]]:
@@ -315,10 +335,10 @@ def _messages(messages) -> list[dict[str, str]]:
   return out
 
 
-def _check_size(text: str, field: str = "text") -> None:
+def _check_size(text: str, field: str = "text", limit: int = MAX_TEXT_BYTES) -> None:
   size = len(text.encode())
-  if size > MAX_TEXT_BYTES:
-    raise InvalidArgument(f"{field}: {size} bytes exceed the limit of {MAX_TEXT_BYTES}")
+  if size > limit:
+    raise InvalidArgument(f"{field}: {size} bytes exceed the limit of {limit}")
 
 
 def _seconds(x: float | None) -> str:

@@ -2,6 +2,9 @@
 page is lost whatever a caller does."""
 
 import asyncio
+import dataclasses
+import re
+import resource
 import threading
 
 import pytest
@@ -15,6 +18,8 @@ from engine import (
   RequestIdInUseError,
   SamplingParams,
 )
+from engine.handoff import Handoff
+from engine.request import RequestState
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4)
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -187,3 +192,92 @@ def test_the_queue_limit_refuses_the_overflow(make):
     await all_pages_back(engine)
 
   asyncio.run(main())
+
+
+def test_server_assigned_ids_are_random_and_never_collide_with_client_ids(make):
+  engine = make()
+
+  async def main():
+    held = [engine.generate("Count to a hundred:", PARAMS, f"req#{i}") for i in range(3)]
+    for stream in held:  # a client squatting on what used to be the next anonymous ids
+      await anext(stream)
+    firsts = [await anext(engine.generate("Hi", SamplingParams(max_tokens=2))) for _ in range(3)]
+    for stream in held:
+      await stream.aclose()
+    return [d.request_id for d in firsts]
+
+  ids = asyncio.run(main())
+  assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
+  asyncio.run(all_pages_back(engine))
+
+
+def test_stop_limits_are_refused_naming_the_field():
+  from engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+  SamplingParams(stop=["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # the most allowed
+  with pytest.raises(ValueError, match="^stop: 17 stop strings"):
+    SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))
+  with pytest.raises(ValueError, match="^stop: a stop string of 257 characters"):
+    SamplingParams(stop=["x" * (MAX_STOP_STRING_CHARS + 1)])
+  with pytest.raises(ValueError, match="^stop_token_ids: 65 ids"):
+    SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))
+
+
+def test_a_hand_off_the_engine_refuses_fails_alone(model):
+  """A decode stage given a state that would break its step (a seed past uint32, no output
+  token) fails that request with a ValueError naming the field, and serves on."""
+  engine = AsyncEngine(Engine(model, CONFIG, role="decode"))
+  good = RequestState([1, 2, 3], [4], SamplingParams(max_tokens=4, ignore_eos=True), seed=5)
+  never = lambda sharding, shape: pytest.fail("a refused hand-off must fetch nothing")  # noqa: E731
+
+  async def main():
+    for bad, field in [
+      (dataclasses.replace(good, seed=2**40), "seed"),
+      (dataclasses.replace(good, output_ids=[]), "output_token_ids"),
+      (dataclasses.replace(good, output_ids=[10**6]), "output_token_ids"),
+      (dataclasses.replace(good, num_cached_tokens=9), "num_cached_tokens"),
+    ]:
+      with pytest.raises(ValueError, match=f"^{field}:"):
+        await drain(engine.resume(bad, never))
+    assert engine.error is None
+
+  try:
+    asyncio.run(main())
+    asyncio.run(all_pages_back(engine))
+  finally:
+    engine.shutdown(30)
+
+
+def test_an_engine_whose_requests_all_wait_blocks_instead_of_spinning(model):
+  """A prefill stage whose pool is held by hand-offs nobody releases: the next request waits
+  for pages, and the core thread sleeps meanwhile (measured as the process's CPU time)."""
+  config = EngineConfig(num_pages=9, max_model_len=128, max_batch=4)
+  engine = AsyncEngine(Engine(model, config, role="prefill"))
+
+  def prompt(i: int) -> list[int]:  # 3 pages of 16, none shared: two leave 2 of the 8 free
+    return list(range(100 + 50 * i, 140 + 50 * i))
+
+  async def handoff(i: int) -> Handoff:
+    async for event in engine.generate(prompt(i), PARAMS):
+      if isinstance(event, Handoff):
+        return event
+
+  async def main():
+    handoffs = [await handoff(i) for i in range(2)]
+    waiting = asyncio.create_task(handoff(2))
+    await asyncio.sleep(0.5)  # it is queued, and the core has found it cannot run
+    assert engine.stats()["pinned"] == 2 and not waiting.done()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.sleep(2.0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    for h in handoffs:
+      engine.release(h)
+    engine.release(await waiting)  # pages came back: it ran
+    return cpu
+
+  try:
+    cpu = asyncio.run(main())
+    assert cpu < 0.2, f"{cpu:.2f} s of CPU in 2 s of waiting: the core spins"
+  finally:
+    engine.shutdown(30)

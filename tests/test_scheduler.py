@@ -253,3 +253,15 @@ def test_what_a_pool_per_replica_needs_is_named(changes, message):
     _check_replicas(EngineConfig(**(base | changes)), 4)
   with pytest.raises(ValueError, match="dp a power of two"):
     _check_replicas(EngineConfig(**base), 3)
+
+
+def test_requests_of_different_cache_salts_share_no_page():
+  alloc = PageAllocator(num_pages=16, page_size=4)
+  prompt = list(range(10))
+  alloc.allocate("a", len(prompt))
+  alloc.commit("a", prompt, len(prompt), salt="tenant-1")
+  assert alloc.match_prefix("b", prompt) == 0  # unsalted
+  assert alloc.match_prefix("c", prompt, salt="tenant-2") == 0
+  assert alloc.match_prefix("d", prompt, salt="tenant-1") == 8
+  assert set(alloc.table("d")) <= set(alloc.table("a"))
+  assert not set(alloc.table("a")) & set(alloc.table("b") + alloc.table("c"))

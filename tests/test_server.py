@@ -152,6 +152,12 @@ BAD_INPUTS = [
   ({"text": "x" * (2 << 20)}, "text"),
   ({"text": "hi", "sampling": {"stop": [""]}}, "sampling.stop"),
   ({"text": "hi", "sampling": {"stop_token_ids": [99999]}}, "sampling.stop_token_ids"),
+  ({"text": "hi", "sampling": {"stop": ["x"] * 17}}, "sampling.stop"),
+  ({"text": "hi", "sampling": {"stop": ["x" * 257]}}, "sampling.stop"),
+  ({"text": "hi", "sampling": {"stop_token_ids": list(range(65))}}, "sampling.stop_token_ids"),
+  ({"text": "hi", "cache_salt": "s" * 257}, "cache_salt"),
+  # Cheap checks come before tokenizing: a bad field is named even beside a huge text.
+  ({"text": "word " * 200_000, "sampling": {"stop": ["x"] * 17}}, "sampling.stop"),
 ]
 
 
@@ -192,6 +198,43 @@ def test_after_bad_input_a_normal_request_is_served(stub, offline):
   )
   assert ids == want.token_ids
   wait_all_pages_free(stub)
+
+
+def test_model_info_reports_every_request_limit(stub):
+  info = model_info(stub)
+  assert (info.max_stop_strings, info.max_stop_string_chars, info.max_stop_token_ids) == (
+    16,
+    256,
+    64,
+  )
+  assert info.max_text_bytes == 1 << 20
+
+
+def test_a_salted_prompt_is_never_served_from_another_salts_cache(stub):
+  """The probe of a shared prefix cache: a victim's prompt, then a caller guessing it. Under
+  another salt (or none) the guess finds nothing cached; under the same salt it does."""
+  secret = pb.GenerateRequest(
+    text="Patient record: John Doe, SSN 123-45-6789, diagnosis pending review. " * 2,
+    sampling=pb.SamplingParams(max_tokens=2),
+  )
+
+  def cached(salt: str) -> int:
+    request = pb.GenerateRequest()
+    request.CopyFrom(secret)
+    request.cache_salt = salt
+    return collect(stub, request)[2].usage.cached_prompt_tokens
+
+  cached("victim")
+  assert cached("attacker") == 0
+  assert cached("") == 0
+  assert cached("victim") > 0
+  wait_all_pages_free(stub)
+
+
+def test_server_assigned_request_ids_are_random(stub):
+  request = pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=2))
+  ids = {collect(stub, request)[2].request_id for _ in range(3)}
+  assert len(ids) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
 
 
 def test_a_request_id_in_flight_cannot_be_reused(stub):

@@ -12,6 +12,7 @@ after 50 random cancels and deadlines. The router also survives a hung and a kil
 
 import asyncio
 import random
+import re
 import signal
 import time
 import urllib.request
@@ -22,12 +23,15 @@ from conftest import assert_greedy_equal
 from serving import Server, collect, model_info, read_all
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.config import bucket
 from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
+from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
+from server.proto.meshserve.v1 import stages_pb2 as spb
 
 ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
 pytestmark = pytest.mark.slow
 ROUTER_ONLY = pytest.mark.parametrize("topology", ["router"], indirect=True)
+HANDOFF_TIMEOUT = 4  # seconds the prefill worker holds a hand-off's pages
 
 
 class Topology:
@@ -42,8 +46,14 @@ class Topology:
 def start_router_topology(logs, cache, prefill_port=None) -> Topology:
   workers = {
     "prefill": Server(
-      "--role", "prefill", log=logs / "prefill.log", cache=cache, port=prefill_port
-    ),
+      "--role",
+      "prefill",
+      "--handoff-timeout",
+      str(HANDOFF_TIMEOUT),
+      log=logs / "prefill.log",
+      cache=cache,
+      port=prefill_port,
+    ),  # fmt: skip
     "decode": Server(
       "--role",
       "decode",
@@ -303,6 +313,166 @@ def test_a_killed_worker_fails_its_requests_and_a_restarted_one_is_used(topology
   wait_for(lambda: health(topology.endpoint) == "SERVING", 10, "SERVING again")
   ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
   assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+
+
+def valid_handoff(model, kv_shards: int) -> spb.Handoff:
+  """A hand-off that the decode worker would accept (then dial its transfer address): what
+  the attacks below mutate."""
+  cfg = model.config
+  pages = bucket(1, ENGINE.page_buckets)  # a 5-token prompt's page bucket
+  return spb.Handoff(
+    transfer_address="127.0.0.1:9", transfer_id=1, dtype="float32", num_pieces=kv_shards,
+    piece_shape=[2, cfg.num_layers, pages, ENGINE.page_size, cfg.num_kv_heads // kv_shards,
+                 cfg.head_dim],
+    prompt_token_ids=[1, 2, 3, 4, 5], output_token_ids=[6],
+    sampling=pb.SamplingParams(max_tokens=8), seed=1,
+  )  # fmt: skip
+
+
+def decode_call(worker: Server, handoff: spb.Handoff) -> grpc.RpcError:
+  with worker.channel() as channel:
+    stage = stages_pb2_grpc.StageWorkerStub(channel)
+    with pytest.raises(grpc.RpcError) as e:
+      list(stage.Decode(spb.DecodeRequest(handoff=handoff), timeout=30))
+  return e.value
+
+
+def kv_shards(worker: Server) -> int:
+  with worker.channel() as channel:
+    return stages_pb2_grpc.StageWorkerStub(channel).Describe(spb.DescribeRequest()).kv_shards
+
+
+@ROUTER_ONLY
+def test_a_hand_off_that_would_kill_the_decode_worker_is_refused(topology, stub, offline, model):
+  """A seed past uint32 once killed the decode engine for good, and an empty output left a
+  request nobody could schedule: each is INVALID_ARGUMENT naming the field, and the worker
+  serves the next request."""
+  worker = topology.workers["decode"]
+  base = valid_handoff(model, kv_shards(worker))
+  for field, value in [("seed", 2**40), ("output_token_ids", [])]:
+    handoff = spb.Handoff()
+    handoff.CopyFrom(base)
+    if isinstance(value, list):
+      handoff.ClearField(field)
+    else:
+      setattr(handoff, field, value)
+    error = decode_call(worker, handoff)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert error.details().startswith(f"handoff.{field}:"), error.details()
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+  assert health(worker) == "SERVING"
+
+
+def _mutations(rng: random.Random, vocab: int):
+  """(field as the error names it, a function that breaks it in a Handoff)."""
+
+  def setter(name, values):
+    return name, lambda h: setattr(h, name, rng.choice(values))
+
+  def ids(name, values):
+    def apply(h):
+      h.ClearField(name)
+      getattr(h, name).extend(rng.choice(values))
+
+    return name, apply
+
+  return [
+    setter("seed", [2**32, 2**32 + rng.randrange(2**40), 2**64 - 1]),
+    ids("output_token_ids", [[], [vocab], [-1], [vocab + 10**6], [6] * 8]),
+    ids("prompt_token_ids", [[], [vocab], [-7], [1] * 300]),
+    setter("dtype", ["", "float64", "int8", "bogus", "bfloat16", "x" * 1000]),
+    setter("num_pieces", [0, -1, 2, 7, 2**31 - 1]),
+    ids("piece_shape", [[], [1], [2, 30, 1, 16, 3, 65], [-1] * 6, [2**40] * 6]),
+    setter("transfer_address", ["", "nohost", "h:0", "h:99999", "a b:1", "x" * 300, "[::1]"]),
+    setter("num_cached_tokens", [-1, 6, 2**31 - 1]),
+    ("sampling.top_p", lambda h: setattr(h.sampling, "top_p", rng.choice([0.0, 1.5, -1.0]))),
+    ("sampling.max_tokens", lambda h: setattr(h.sampling, "max_tokens", rng.choice([0, -4]))),
+    ("sampling.stop", lambda h: h.sampling.stop.extend(["x"] * 17)),
+  ]
+
+
+@ROUTER_ONLY
+def test_fuzzed_hand_offs_never_hurt_the_decode_worker(topology, stub, offline, model):
+  """Thousands of hand-offs, each with one to three fields broken at random: every one gets
+  INVALID_ARGUMENT naming a broken field, the worker stays up, and every page is free."""
+  worker, rng = topology.workers["decode"], random.Random(23)
+  base = valid_handoff(model, kv_shards(worker))
+  mutations = _mutations(rng, model.config.vocab_size)
+  with worker.channel() as channel:
+    stage = stages_pb2_grpc.StageWorkerStub(channel)
+    for _ in range(2000):
+      handoff = spb.Handoff()
+      handoff.CopyFrom(base)
+      broken = rng.sample(mutations, rng.randint(1, 3))
+      for _, apply in broken:
+        apply(handoff)
+      with pytest.raises(grpc.RpcError) as e:
+        list(stage.Decode(spb.DecodeRequest(handoff=handoff), timeout=30))
+      assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value, handoff)
+      named = re.match(r"handoff\.([\w.]+)", e.value.details())[1]
+      assert named in {field for field, _ in broken}, (e.value.details(), broken)
+  assert health(worker) == "SERVING"
+  wait_every_stage_idle(stub)
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+
+
+async def _responses(call) -> list:
+  return [response async for response in call]
+
+
+@ROUTER_ONLY
+def test_hand_offs_nobody_releases_time_out_and_their_pages_come_back(topology, stub, offline):
+  """Eight Prefill streams that take their hand-off and never release it hold almost the whole
+  prefill pool. A ninth request waits; at --handoff-timeout the eight end DEADLINE_EXCEEDED,
+  the ninth is served, every page is back. (That the engine sleeps meanwhile is
+  tests/test_async_engine.py::test_an_engine_whose_requests_all_wait_blocks_instead_of_spinning.)"""
+  worker = topology.workers["prefill"]
+
+  def prompt(i: int) -> list[int]:  # 15 pages of 16 each, shared with no other prompt
+    return list(range(1000 + 300 * i, 1000 + 300 * i + 230))
+
+  async def hold(stage, i: int, handed: asyncio.Event) -> str:
+    call = stage.Prefill(timeout=60)
+    request = pb.GenerateRequest(token_ids=prompt(i), sampling=pb.SamplingParams(max_tokens=8))
+    await call.write(spb.PrefillMessage(request=spb.PrefillRequest(request=request, kv_shards=1)))
+    try:
+      while (event := await call.read()) != grpc.aio.EOF:
+        if event.HasField("handoff"):
+          handed.set()
+      return "ended"
+    except grpc.aio.AioRpcError as e:
+      assert "--handoff-timeout" in e.details(), e
+      return e.code().name
+
+  async def main():
+    async with (
+      grpc.aio.insecure_channel(worker.address) as w,
+      grpc.aio.insecure_channel(topology.endpoint.address) as r,
+    ):
+      stage = stages_pb2_grpc.StageWorkerStub(w)
+      handed = [asyncio.Event() for _ in range(8)]
+      held = [asyncio.create_task(hold(stage, i, handed[i])) for i in range(8)]
+      for event in handed:
+        await asyncio.wait_for(event.wait(), 60)
+      start = time.monotonic()
+      call = inference_pb2_grpc.InferenceStub(r).Generate(
+        pb.GenerateRequest(token_ids=prompt(8), sampling=pb.SamplingParams(max_tokens=4)),
+        timeout=60,
+      )
+      ninth = asyncio.create_task(_responses(call))
+      await asyncio.sleep(1.0)
+      assert not ninth.done()  # no room in the prefill pool
+      outcomes = await asyncio.gather(*held)
+      responses = await ninth
+      return outcomes, responses, time.monotonic() - start
+
+  outcomes, responses, waited = asyncio.run(main())
+  assert outcomes == ["DEADLINE_EXCEEDED"] * 8
+  assert responses[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+  assert waited < HANDOFF_TIMEOUT + 30
+  wait_every_stage_idle(stub)
 
 
 @ROUTER_ONLY

@@ -1,5 +1,7 @@
 """Tokenizer ids, chat template and streaming detokenization against the reference."""
 
+import random
+
 import pytest
 
 from engine.output import TextStream
@@ -77,3 +79,42 @@ def test_stop_string_across_tokens_is_cut_and_never_shown(model):
 def test_held_back_prefix_is_released_when_no_stop_follows(model):
   s, deltas = _stream(model, "one two three", ("two four",))
   assert not s.stopped and s.text == "one two three" and "".join(deltas) == s.text
+
+
+class _Chars:
+  """A detokenizer whose tokens are single characters: TextStream's matching on its own."""
+
+  def __init__(self):
+    self.text = ""
+
+  def add(self, ids):
+    self.text += "".join(map(chr, ids))
+
+
+def test_stop_matching_equals_a_plain_search_on_random_text(model):
+  """Whatever the stop strings (overlapping, repetitive, prefixes of each other) and however
+  the text arrives, the stream shows exactly the text before the earliest stop string, and
+  holds back exactly the longest end of the text that a stop string could still complete."""
+  rng = random.Random(0)
+  for _ in range(2000):
+    stops = tuple(
+      "".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))
+    )
+    text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+    s = TextStream(model.tokenizer, stops)
+    s.detok = _Chars()
+    shown = ""
+    for i, ch in enumerate(text):
+      shown += s.add(ord(ch))
+      seen = text[: i + 1]
+      hits = [seen.find(x) for x in stops if x in seen]
+      if hits:
+        assert s.stopped and shown == seen[: min(hits)], (stops, seen, shown)
+        break
+      assert not s.stopped and seen.startswith(shown), (stops, seen, shown)
+      could_complete = [
+        n for n in range(1, len(seen) + 1) if any(x.startswith(seen[-n:]) for x in stops)
+      ]
+      assert len(seen) - len(shown) == max(could_complete, default=0), (stops, seen, shown)
+    else:
+      assert shown + s.flush() == text

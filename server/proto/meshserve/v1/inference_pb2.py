@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)server/proto/meshserve/v1/inference.proto\x12\x0cmeshserve.v1\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.meshserve.v1.Timing\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x82\x01\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"L\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12\x11\n\tmax_queue\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x13\n\x0bnum_devices\x18\n \x01(\x05\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\x11\n\tattention\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12#\n\x06stages\x18\x0e \x03(\x0b\x32\x13.meshserve.v1.Stage\x12\x1e\n\x16max_num_batched_tokens\x18\x0f \x01(\x05\"`\n\x05Stage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x05stats\x18\x02 \x01(\x0b\x32\x18.meshserve.v1.StageStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"\xa6\x02\n\nStageStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x15\n\rfree_kv_pages\x18\x03 \x01(\x05\x12\x16\n\x0etotal_kv_pages\x18\x04 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\x03\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\r\n\x05steps\x18\x07 \x01(\x03\x12\x14\n\x0c\x63ompilations\x18\x08 \x01(\x03\x12\x0e\n\x06pinned\x18\t \x01(\x05\x12\x11\n\timporting\x18\n \x01(\x05\x12\x14\n\x0ckv_transfers\x18\x0b \x01(\x03\x12\x19\n\x11kv_transfer_bytes\x18\x0c \x01(\x03\x12\x1b\n\x13kv_transfer_seconds\x18\r \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xef\x01\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.meshserve.v1.GetModelInfoRequest\x1a\x17.meshserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)server/proto/meshserve/v1/inference.proto\x12\x0cmeshserve.v1\"\xb7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12$\n\x06timing\x18\x07 \x01(\x0b\x32\x14.meshserve.v1.Timing\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x82\x01\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"L\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xb6\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12\x11\n\tmax_queue\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x13\n\x0bnum_devices\x18\n \x01(\x05\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\x11\n\tattention\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12#\n\x06stages\x18\x0e \x03(\x0b\x32\x13.meshserve.v1.Stage\x12\x1e\n\x16max_num_batched_tokens\x18\x0f \x01(\x05\x12\x18\n\x10max_stop_strings\x18\x10 \x01(\x05\x12\x1d\n\x15max_stop_string_chars\x18\x11 \x01(\x05\x12\x1a\n\x12max_stop_token_ids\x18\x12 \x01(\x05\x12\x16\n\x0emax_text_bytes\x18\x13 \x01(\x05\"`\n\x05Stage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x05stats\x18\x02 \x01(\x0b\x32\x18.meshserve.v1.StageStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"\xa6\x02\n\nStageStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x15\n\rfree_kv_pages\x18\x03 \x01(\x05\x12\x16\n\x0etotal_kv_pages\x18\x04 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\x03\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\r\n\x05steps\x18\x07 \x01(\x03\x12\x14\n\x0c\x63ompilations\x18\x08 \x01(\x03\x12\x0e\n\x06pinned\x18\t \x01(\x05\x12\x11\n\timporting\x18\n \x01(\x05\x12\x14\n\x0ckv_transfers\x18\x0b \x01(\x03\x12\x19\n\x11kv_transfer_bytes\x18\x0c \x01(\x03\x12\x1b\n\x13kv_transfer_seconds\x18\r \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xef\x01\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.meshserve.v1.GetModelInfoRequest\x1a\x17.meshserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.proto.meshserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2129
-  _globals['_FINISHREASON']._serialized_end=2224
+  _globals['_FINISHREASON']._serialized_start=2258
+  _globals['_FINISHREASON']._serialized_end=2353
   _globals['_GENERATEREQUEST']._serialized_start=60
-  _globals['_GENERATEREQUEST']._serialized_end=223
-  _globals['_CHATMESSAGE']._serialized_start=225
-  _globals['_CHATMESSAGE']._serialized_end=269
-  _globals['_SAMPLINGPARAMS']._serialized_start=272
-  _globals['_SAMPLINGPARAMS']._serialized_end=640
-  _globals['_GENERATERESPONSE']._serialized_start=643
-  _globals['_GENERATERESPONSE']._serialized_end=885
-  _globals['_TOKENLOGPROB']._serialized_start=887
-  _globals['_TOKENLOGPROB']._serialized_end=975
-  _globals['_TOPLOGPROB']._serialized_start=977
-  _globals['_TOPLOGPROB']._serialized_end=1024
-  _globals['_USAGE']._serialized_start=1026
-  _globals['_USAGE']._serialized_end=1113
-  _globals['_TIMING']._serialized_start=1116
-  _globals['_TIMING']._serialized_end=1246
-  _globals['_TOKENIZEREQUEST']._serialized_start=1248
-  _globals['_TOKENIZEREQUEST']._serialized_end=1324
-  _globals['_TOKENIZERESPONSE']._serialized_start=1326
-  _globals['_TOKENIZERESPONSE']._serialized_end=1377
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1379
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1400
-  _globals['_MODELINFO']._serialized_start=1403
-  _globals['_MODELINFO']._serialized_end=1732
-  _globals['_STAGE']._serialized_start=1734
-  _globals['_STAGE']._serialized_end=1830
-  _globals['_STAGESTATS']._serialized_start=1833
-  _globals['_STAGESTATS']._serialized_end=2127
-  _globals['_INFERENCE']._serialized_start=2227
-  _globals['_INFERENCE']._serialized_end=2466
+  _globals['_GENERATEREQUEST']._serialized_end=243
+  _globals['_CHATMESSAGE']._serialized_start=245
+  _globals['_CHATMESSAGE']._serialized_end=289
+  _globals['_SAMPLINGPARAMS']._serialized_start=292
+  _globals['_SAMPLINGPARAMS']._serialized_end=660
+  _globals['_GENERATERESPONSE']._serialized_start=663
+  _globals['_GENERATERESPONSE']._serialized_end=905
+  _globals['_TOKENLOGPROB']._serialized_start=907
+  _globals['_TOKENLOGPROB']._serialized_end=995
+  _globals['_TOPLOGPROB']._serialized_start=997
+  _globals['_TOPLOGPROB']._serialized_end=1044
+  _globals['_USAGE']._serialized_start=1046
+  _globals['_USAGE']._serialized_end=1133
+  _globals['_TIMING']._serialized_start=1136
+  _globals['_TIMING']._serialized_end=1266
+  _globals['_TOKENIZEREQUEST']._serialized_start=1268
+  _globals['_TOKENIZEREQUEST']._serialized_end=1344
+  _globals['_TOKENIZERESPONSE']._serialized_start=1346
+  _globals['_TOKENIZERESPONSE']._serialized_end=1397
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1399
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1420
+  _globals['_MODELINFO']._serialized_start=1423
+  _globals['_MODELINFO']._serialized_end=1861
+  _globals['_STAGE']._serialized_start=1863
+  _globals['_STAGE']._serialized_end=1959
+  _globals['_STAGESTATS']._serialized_start=1962
+  _globals['_STAGESTATS']._serialized_end=2256
+  _globals['_INFERENCE']._serialized_start=2356
+  _globals['_INFERENCE']._serialized_end=2595
 # @@protoc_insertion_point(module_scope)

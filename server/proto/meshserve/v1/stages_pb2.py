@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from server.proto.meshserve.v1 import inference_pb2 as server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&server/proto/meshserve/v1/stages.proto\x12\x0cmeshserve.v1\x1a)server/proto/meshserve/v1/inference.proto\"s\n\x0ePrefillMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.meshserve.v1.PrefillRequestH\x00\x12(\n\x07release\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.ReleaseH\x00\x42\x06\n\x04kind\"S\n\x0ePrefillRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.meshserve.v1.GenerateRequest\x12\x11\n\tkv_shards\x18\x02 \x01(\x05\"\t\n\x07Release\"q\n\x0cPrefillEvent\x12/\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x12(\n\x07handoff\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.HandoffH\x00\x42\x06\n\x04kind\"\xad\x02\n\x07Handoff\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x13\n\x0bpiece_shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_pieces\x18\x05 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x07 \x03(\x05\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\n \x01(\x05\x12\x0f\n\x07queue_s\x18\x0b \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x0c \x01(\x01\"K\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07handoff\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.Handoff\"q\n\x0b\x44\x65\x63odeEvent\x12&\n\x06landed\x18\x01 \x01(\x0b\x32\x14.meshserve.v1.LandedH\x00\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x42\x06\n\x04kind\"+\n\x06Landed\x12\x12\n\ntransfer_s\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x01\n\tStageInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x13\n\x0bnum_devices\x18\x03 \x01(\x05\x12\x11\n\tkv_shards\x18\x04 \x01(\x05\x12\x18\n\x10transfer_address\x18\x05 \x01(\t\x12\'\n\x05stats\x18\x06 \x01(\x0b\x32\x18.meshserve.v1.StageStats2\xde\x01\n\x0bStageWorker\x12G\n\x07Prefill\x12\x1c.meshserve.v1.PrefillMessage\x1a\x1a.meshserve.v1.PrefillEvent(\x01\x30\x01\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.meshserve.v1.DecodeRequest\x1a\x19.meshserve.v1.DecodeEvent0\x01\x12\x42\n\x08\x44\x65scribe\x12\x1d.meshserve.v1.DescribeRequest\x1a\x17.meshserve.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&server/proto/meshserve/v1/stages.proto\x12\x0cmeshserve.v1\x1a)server/proto/meshserve/v1/inference.proto\"s\n\x0ePrefillMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.meshserve.v1.PrefillRequestH\x00\x12(\n\x07release\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.ReleaseH\x00\x42\x06\n\x04kind\"S\n\x0ePrefillRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.meshserve.v1.GenerateRequest\x12\x11\n\tkv_shards\x18\x02 \x01(\x05\"\t\n\x07Release\"q\n\x0cPrefillEvent\x12/\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x12(\n\x07handoff\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.HandoffH\x00\x42\x06\n\x04kind\"\xc1\x02\n\x07Handoff\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x13\n\x0bpiece_shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnum_pieces\x18\x05 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x07 \x03(\x05\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\n \x01(\x05\x12\x0f\n\x07queue_s\x18\x0b \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x0c \x01(\x01\x12\x12\n\ncache_salt\x18\r \x01(\t\"K\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07handoff\x18\x02 \x01(\x0b\x32\x15.meshserve.v1.Handoff\"q\n\x0b\x44\x65\x63odeEvent\x12&\n\x06landed\x18\x01 \x01(\x0b\x32\x14.meshserve.v1.LandedH\x00\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x42\x06\n\x04kind\"+\n\x06Landed\x12\x12\n\ntransfer_s\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x01\n\tStageInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x13\n\x0bnum_devices\x18\x03 \x01(\x05\x12\x11\n\tkv_shards\x18\x04 \x01(\x05\x12\x18\n\x10transfer_address\x18\x05 \x01(\t\x12\'\n\x05stats\x18\x06 \x01(\x0b\x32\x18.meshserve.v1.StageStats2\xde\x01\n\x0bStageWorker\x12G\n\x07Prefill\x12\x1c.meshserve.v1.PrefillMessage\x1a\x1a.meshserve.v1.PrefillEvent(\x01\x30\x01\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.meshserve.v1.DecodeRequest\x1a\x19.meshserve.v1.DecodeEvent0\x01\x12\x42\n\x08\x44\x65scribe\x12\x1d.meshserve.v1.DescribeRequest\x1a\x17.meshserve.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLEVENT']._serialized_start=312
   _globals['_PREFILLEVENT']._serialized_end=425
   _globals['_HANDOFF']._serialized_start=428
-  _globals['_HANDOFF']._serialized_end=729
-  _globals['_DECODEREQUEST']._serialized_start=731
-  _globals['_DECODEREQUEST']._serialized_end=806
-  _globals['_DECODEEVENT']._serialized_start=808
-  _globals['_DECODEEVENT']._serialized_end=921
-  _globals['_LANDED']._serialized_start=923
-  _globals['_LANDED']._serialized_end=966
-  _globals['_DESCRIBEREQUEST']._serialized_start=968
-  _globals['_DESCRIBEREQUEST']._serialized_end=985
-  _globals['_STAGEINFO']._serialized_start=988
-  _globals['_STAGEINFO']._serialized_end=1136
-  _globals['_STAGEWORKER']._serialized_start=1139
-  _globals['_STAGEWORKER']._serialized_end=1361
+  _globals['_HANDOFF']._serialized_end=749
+  _globals['_DECODEREQUEST']._serialized_start=751
+  _globals['_DECODEREQUEST']._serialized_end=826
+  _globals['_DECODEEVENT']._serialized_start=828
+  _globals['_DECODEEVENT']._serialized_end=941
+  _globals['_LANDED']._serialized_start=943
+  _globals['_LANDED']._serialized_end=986
+  _globals['_DESCRIBEREQUEST']._serialized_start=988
+  _globals['_DESCRIBEREQUEST']._serialized_end=1005
+  _globals['_STAGEINFO']._serialized_start=1008
+  _globals['_STAGEINFO']._serialized_end=1156
+  _globals['_STAGEWORKER']._serialized_start=1159
+  _globals['_STAGEWORKER']._serialized_end=1381
 # @@protoc_insertion_point(module_scope)

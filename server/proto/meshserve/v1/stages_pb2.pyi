@@ -36,7 +36,7 @@ class PrefillEvent(_message.Message):
     def __init__(self, first: _Optional[_Union[_inference_pb2.GenerateResponse, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
 
 class Handoff(_message.Message):
-    __slots__ = ("transfer_address", "transfer_id", "piece_shape", "dtype", "num_pieces", "prompt_token_ids", "output_token_ids", "sampling", "seed", "num_cached_tokens", "queue_s", "time_to_first_token_s")
+    __slots__ = ("transfer_address", "transfer_id", "piece_shape", "dtype", "num_pieces", "prompt_token_ids", "output_token_ids", "sampling", "seed", "num_cached_tokens", "queue_s", "time_to_first_token_s", "cache_salt")
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PIECE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Handoff(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     transfer_address: str
     transfer_id: int
     piece_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -61,7 +62,8 @@ class Handoff(_message.Message):
     num_cached_tokens: int
     queue_s: float
     time_to_first_token_s: float
-    def __init__(self, transfer_address: _Optional[str] = ..., transfer_id: _Optional[int] = ..., piece_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_pieces: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, transfer_address: _Optional[str] = ..., transfer_id: _Optional[int] = ..., piece_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_pieces: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "handoff")
