@@ -95,6 +95,7 @@ class EngineCore:
     self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
     self._moving: dict[str, _Import] = {}  # reserved, KV on its way
     self.transfer_timeout = 60.0  # seconds a started KV fetch may take before it fails
+    self.import_timeout = 60.0  # seconds an import may wait for pages before it fails
     self._stalled = False  # the last turn had requests but could schedule none of them
     self.transfers = dict(
       kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
@@ -229,6 +230,10 @@ class EngineCore:
     """Reserves pages for waiting imports (in order, while the pool allows), starts their
     fetches, and admits those whose KV has landed. Never waits for a copy."""
     runner, engine = self.engine.runner, self.engine
+    now = time.perf_counter()
+    for m in [m for m in self._imports if now - m.arrival > self.import_timeout]:
+      self._imports.remove(m)  # the pool stayed full: the prefill side may be holding on
+      self._fail(m.request_id, TimeoutError(f"no free pages in {self.import_timeout:g}s"), events)
     while self._imports and len(engine.scheduler.running) + len(engine.reserved) < (
       engine.config.max_batch
     ):  # a batch slot for each: a landed import goes straight into the batch

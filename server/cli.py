@@ -73,7 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
     raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
   if bool(args.tls_cert) != bool(args.tls_key):
     raise ValueError("--tls-cert and --tls-key go together")
-  for flag in ("tls_cert", "tls_key", "auth_token_file"):
+  if args.max_concurrent_rpcs < 1:
+    raise ValueError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+  if args.worker_down_after < 1:
+    raise ValueError(f"--worker-down-after must be >= 1, got {args.worker_down_after}")
+  for flag in ("tls_cert", "tls_key", "auth_token_file", "internal_token_file", "tls_ca"):
     path = getattr(args, flag)
     if path is not None and not path.is_file():
       raise FileNotFoundError(f"--{flag.replace('_', '-')}: {path} not found")
@@ -100,6 +104,10 @@ def _serve(args: argparse.Namespace) -> int:
     tls_cert=args.tls_cert,
     tls_key=args.tls_key,
     auth_token_file=args.auth_token_file,
+    internal_token_file=args.internal_token_file,
+    tls_ca=args.tls_ca,
+    max_concurrent_rpcs=args.max_concurrent_rpcs,
+    worker_down_after=args.worker_down_after,
     drain_timeout=args.drain_timeout,
     warmup=not args.no_warmup,
     compilation_cache=args.compilation_cache,
@@ -273,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     "--auth-token-file", type=pathlib.Path, default=None,
     help="require 'authorization: Bearer <token>' (health checks stay open)",
   )  # fmt: skip
+  srv.add_argument(
+    "--internal-token-file", type=pathlib.Path, default=None,
+    help="router and workers: the token the router calls workers with; a worker's StageWorker "
+    "API takes it alone (the public token gets PERMISSION_DENIED there)",
+  )  # fmt: skip
+  srv.add_argument(
+    "--max-concurrent-rpcs", type=int, default=1024,
+    help="calls in flight at once; more get RESOURCE_EXHAUSTED",
+  )  # fmt: skip
   srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
   srv.add_argument(
     "--compilation-cache", default=None,
@@ -304,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     help="prefill: seconds a hand-off's pages stay pinned waiting for the decode side",
   )  # fmt: skip
   topo.add_argument("--prefill", default=None, help="router: prefill workers, ADDR[,ADDR...]")
+  topo.add_argument(
+    "--tls-ca", type=pathlib.Path, default=None,
+    help="router: call workers over TLS, checking their certificates against this CA (PEM)",
+  )  # fmt: skip
+  topo.add_argument(
+    "--worker-down-after", type=int, default=3,
+    help="router: unanswered health checks in a row (1 s each) before a worker is down",
+  )  # fmt: skip
   topo.add_argument("--decode", default=None, help="router: decode workers, ADDR[,ADDR...]")
   _add_dtype_flag(srv)
   _add_device_flags(srv)

@@ -16,10 +16,14 @@ worker calls, and each worker frees the request's pages when its call ends. Vali
 come from the prefill worker and pass through unchanged, so the router's answers are the same
 as a single server's.
 
-Every worker's health is checked each second. One that stops answering is marked down within
-seconds: its in-flight requests end with UNAVAILABLE and no new request goes to it. Once it
-answers SERVING again, routing resumes. The router itself is SERVING while it has at least one
-healthy worker of each role.
+Every worker's health is checked each second. One whose connection breaks, or that misses
+`--worker-down-after` checks in a row (3 by default), is marked down: its in-flight requests
+end with UNAVAILABLE and no new request goes to it. One late answer is not a death: a worker
+that is merely slow keeps its streams. Once it answers SERVING again, routing resumes. The
+router itself is SERVING while it has at least one healthy worker of each role.
+
+The router calls workers with the internal token (`--internal-token-file`) when it has one,
+else with the public token, and over TLS when given the CA to check them with (`--tls-ca`).
 """
 
 from __future__ import annotations
@@ -54,28 +58,40 @@ class NoWorker(RuntimeError):
 class Worker:
   """One stage worker as the router sees it: channel, health and the calls in flight on it."""
 
-  def __init__(self, address: str, role: str, token: str | None, max_message_bytes: int):
-    self.address, self.role = address, role
-    self.channel = grpc.aio.insecure_channel(
-      address,
-      options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-      ],
-    )
+  def __init__(
+    self,
+    address: str,
+    role: str,
+    token: str | None,
+    max_message_bytes: int,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    down_after: int = 3,
+  ):
+    self.address, self.role, self.down_after = address, role, down_after
+    options = [
+      ("grpc.max_receive_message_length", max_message_bytes),
+      ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if credentials is None:
+      self.channel = grpc.aio.insecure_channel(address, options=options)
+    else:
+      self.channel = grpc.aio.secure_channel(address, credentials, options=options)
     self.stage = stages_pb2_grpc.StageWorkerStub(self.channel)
     self.public = inference_pb2_grpc.InferenceStub(self.channel)
     self._health = health_pb2_grpc.HealthStub(self.channel)
     self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
     self.healthy = False
+    self.missed = 0  # health checks in a row that got no answer
     self.info: spb.StageInfo | None = None  # from the last successful check
     self.calls: set[grpc.aio.Call] = set()  # in flight: the load, and what a failure cancels
 
   async def check(self, timeout: float) -> None:
-    """Asks health and Describe. A worker that does not answer is down: its calls are
-    cancelled. One that answers NOT_SERVING (warming up, or draining on SIGTERM) gets no new
-    requests, but the ones it has may finish."""
-    answering = True
+    """Asks health and Describe. A worker whose connection is broken, or that has not answered
+    `down_after` checks in a row, is down: its calls are cancelled. One that answers
+    NOT_SERVING (warming up, or draining on SIGTERM) gets no new requests, but the ones it has
+    may finish."""
+    answering, broken = True, False
     try:
       answer = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
       healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -86,15 +102,19 @@ class Worker:
         healthy = self.info.role == self.role
         if not healthy:
           log.error("worker %s is a %s worker, not %s", self.address, self.info.role, self.role)
-    except grpc.RpcError:
-      healthy = answering = False
-    if not answering and self.calls:
-      log.warning(
-        "%s worker %s does not answer: failing its %d requests",
-        self.role, self.address, len(self.calls),
-      )  # fmt: skip
-      for call in list(self.calls):
-        call.cancel()
+    except grpc.RpcError as e:
+      answering, broken = False, e.code() == grpc.StatusCode.UNAVAILABLE
+    self.missed = 0 if answering else self.missed + 1
+    down = broken or self.missed >= self.down_after
+    if not answering:
+      healthy = self.healthy and not down  # a late answer is not a death
+      if down and self.calls:
+        log.warning(
+          "%s worker %s is down (%s): failing its %d requests", self.role, self.address,
+          "connection broken" if broken else f"{self.missed} checks unanswered", len(self.calls),
+        )  # fmt: skip
+        for call in list(self.calls):
+          call.cancel()
     if self.healthy and not healthy:
       log.warning("%s worker %s is out of rotation", self.role, self.address)
     elif healthy and not self.healthy:
@@ -109,9 +129,12 @@ class Router:
     decode: tuple[str, ...],
     token: str | None,
     max_message_bytes: int,
+    **worker_kw,
   ):
-    self.workers = [Worker(a, "prefill", token, max_message_bytes) for a in prefill]
-    self.workers += [Worker(a, "decode", token, max_message_bytes) for a in decode]
+    """token: what the workers take (the internal token, else the public one). worker_kw:
+    credentials and down_after, as Worker takes them."""
+    self.workers = [Worker(a, "prefill", token, max_message_bytes, **worker_kw) for a in prefill]
+    self.workers += [Worker(a, "decode", token, max_message_bytes, **worker_kw) for a in decode]
 
   @property
   def serving(self) -> bool:
@@ -318,11 +341,20 @@ def _stats_dict(s: pb.StageStats) -> dict:
   )  # fmt: skip
 
 
-async def serve_router(opts, stop: asyncio.Event, token: str | None) -> int:
-  """Runs the router until `stop`; returns the exit status."""
+async def serve_router(
+  opts, stop: asyncio.Event, token: str | None, internal: str | None = None
+) -> int:
+  """Runs the router until `stop`; returns the exit status. Clients call it with `token`; it
+  calls its workers with `internal`, or `token` when there is no internal token."""
   from server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
 
-  router = Router(opts.prefill_workers, opts.decode_workers, token, MAX_MESSAGE_BYTES)
+  credentials = None
+  if opts.tls_ca is not None:
+    credentials = grpc.ssl_channel_credentials(opts.tls_ca.read_bytes())
+  router = Router(
+    opts.prefill_workers, opts.decode_workers, internal or token, MAX_MESSAGE_BYTES,
+    credentials=credentials, down_after=opts.worker_down_after,
+  )  # fmt: skip
   checks = health.aio.HealthServicer()
   metrics = Metrics(router.stages)
   servicer = RouterServicer(router, metrics)
@@ -335,7 +367,7 @@ async def serve_router(opts, stop: asyncio.Event, token: str | None) -> int:
     opts.host, port, ",".join(opts.prefill_workers), ",".join(opts.decode_workers),
   )  # fmt: skip
   if opts.metrics_port is not None:
-    metrics.serve(opts.metrics_port, opts.host)
+    metrics.serve(opts.metrics_port, opts.metrics_host)
 
   async def on_change(serving: bool) -> None:
     state = health_pb2.HealthCheckResponse

@@ -40,6 +40,7 @@ log = logging.getLogger("meshserve.server")
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+STAGES_PREFIX = "/meshserve.v1.StageWorker/"
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own limit, above the servicer's 1 MiB per text field
 
 
@@ -58,7 +59,11 @@ class ServeOptions:
   max_queue: int | None = 256
   tls_cert: pathlib.Path | None = None
   tls_key: pathlib.Path | None = None
-  auth_token_file: pathlib.Path | None = None
+  auth_token_file: pathlib.Path | None = None  # the public credential: clients hold it
+  internal_token_file: pathlib.Path | None = None  # the router's credential on its workers
+  tls_ca: pathlib.Path | None = None  # router: verify workers against this CA (TLS to them)
+  max_concurrent_rpcs: int | None = 1024  # more in flight at once get RESOURCE_EXHAUSTED
+  worker_down_after: int = 3  # router: consecutive unanswered health checks that mean down
   drain_timeout: float = 30.0
   warmup: bool = True
   compilation_cache: str | None = None  # a directory; "" turns the cache off
@@ -71,29 +76,50 @@ class ServeOptions:
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-  """Requires `authorization: Bearer <token>` on every call but health checks."""
+  """Bearer tokens (metadata `authorization: Bearer <token>`) on every call but health checks.
 
-  def __init__(self, token: str):
-    self.expected = f"Bearer {token}".encode()
+  Two credentials: the public token, which clients hold, opens the Inference service and
+  reflection; the internal token, which only the router holds, opens everything, and it alone
+  opens a worker's StageWorker service. Without an internal token, the public one opens
+  StageWorker too (one shared secret, as before the two existed)."""
+
+  def __init__(self, public: str | None, internal: str | None = None):
+    self.public = None if public is None else f"Bearer {public}".encode()
+    self.internal = None if internal is None else f"Bearer {internal}".encode()
 
   async def intercept_service(self, continuation, details):
     handler = await continuation(details)
     if handler is None or details.method.startswith(HEALTH_PREFIX):
       return handler
-    given = dict(details.invocation_metadata).get("authorization", "")
-    if hmac.compare_digest(given.encode(), self.expected):
+    given = dict(details.invocation_metadata).get("authorization", "").encode()
+    internal_only = details.method.startswith(STAGES_PREFIX) and self.internal is not None
+    if self.internal is not None and hmac.compare_digest(given, self.internal):
       return handler
-    return _refusal(handler, "missing or wrong bearer token (metadata 'authorization')")
+    if self.public is not None and hmac.compare_digest(given, self.public):
+      if internal_only:
+        return _refusal(
+          handler, grpc.StatusCode.PERMISSION_DENIED,
+          "StageWorker takes the internal token (--internal-token-file), not the public one",
+        )  # fmt: skip
+      return handler
+    if self.public is None and not internal_only:
+      return handler  # no public credential: the public API is open
+    return _refusal(
+      handler, grpc.StatusCode.UNAUTHENTICATED,
+      "missing or wrong bearer token (metadata 'authorization')",
+    )  # fmt: skip
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-  """A handler of the same kind as `handler` that fails with UNAUTHENTICATED."""
+def _refusal(
+  handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+  """A handler of the same kind as `handler` that fails with `code`."""
 
   async def refuse(_request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    await context.abort(code, message)
 
   async def refuse_stream(_request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    await context.abort(code, message)
     yield  # makes this an async generator, as a streaming handler must be
 
   kinds = {
@@ -127,11 +153,10 @@ async def serve(opts: ServeOptions) -> int:
   """Runs the server until SIGTERM/SIGINT; returns the process exit status."""
   loop = asyncio.get_running_loop()
   start = time.perf_counter()
-  token = None
-  if opts.auth_token_file is not None:
-    token = opts.auth_token_file.read_text().strip()
-    if not token:
-      raise ValueError(f"--auth-token-file: {opts.auth_token_file} is empty")
+  token, internal = (
+    _token(opts.auth_token_file, "--auth-token-file"),
+    _token(opts.internal_token_file, "--internal-token-file"),
+  )
   stop = asyncio.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     loop.add_signal_handler(sig, stop.set)
@@ -140,7 +165,7 @@ async def serve(opts: ServeOptions) -> int:
   if opts.role == "router":
     from server.router import serve_router
 
-    return await serve_router(opts, stop, token)
+    return await serve_router(opts, stop, token, internal)
   models = await asyncio.to_thread(_load, opts)
   if stop.is_set():
     log.info("stopped while loading the model")
@@ -180,7 +205,7 @@ async def serve(opts: ServeOptions) -> int:
     services.append(
       stage_service(engine, public, opts.internal_host, handoff_timeout=opts.handoff_timeout)
     )
-  server, port = _grpc_server(opts, services, checks, token)
+  server, port = _grpc_server(opts, services, checks, token, internal)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   tls = " with TLS" if opts.tls_cert else ""
@@ -212,11 +237,27 @@ async def serve(opts: ServeOptions) -> int:
   return 0
 
 
-def _grpc_server(opts: ServeOptions, services, checks: health.aio.HealthServicer, token):
+def _token(path: pathlib.Path | None, flag: str) -> str | None:
+  if path is None:
+    return None
+  token = path.read_text().strip()
+  if not token:
+    raise ValueError(f"{flag}: {path} is empty")
+  return token
+
+
+def _grpc_server(
+  opts: ServeOptions,
+  services,
+  checks: health.aio.HealthServicer,
+  token: str | None,
+  internal: str | None = None,
+):
   """The server with every service registered and its port bound, not started yet.
   services: (full name, add_*Servicer_to_server, servicer) of each service besides health."""
   server = grpc.aio.server(
-    interceptors=[BearerTokenAuth(token)] if token else [],
+    interceptors=[BearerTokenAuth(token, internal)] if token or internal else [],
+    maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
     options=[
       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -18,7 +18,7 @@ from engine import (
   RequestIdInUseError,
   SamplingParams,
 )
-from engine.handoff import Handoff
+from engine.handoff import Handoff, TransferError
 from engine.request import RequestState
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4)
@@ -279,5 +279,38 @@ def test_an_engine_whose_requests_all_wait_blocks_instead_of_spinning(model):
   try:
     cpu = asyncio.run(main())
     assert cpu < 0.2, f"{cpu:.2f} s of CPU in 2 s of waiting: the core spins"
+  finally:
+    engine.shutdown(30)
+
+
+class _NeverLands:
+  """A KV fetch still in flight for as long as the test runs."""
+
+  def is_ready(self) -> bool:
+    return False
+
+
+def test_an_import_that_never_gets_pages_fails_in_bounded_time(model):
+  """A decode pool held by an import whose KV never lands: the next import waits for pages
+  only `import_timeout`, then its stream ends with an error, and every page comes back."""
+  config = EngineConfig(num_pages=9, max_model_len=128, max_batch=4)
+  engine = AsyncEngine(Engine(model, config, role="decode"))
+  engine.core.import_timeout = 0.5
+  params = SamplingParams(max_tokens=8, ignore_eos=True)
+
+  def state(i: int) -> RequestState:  # 7 of the 8 pages each
+    return RequestState(list(range(100 * i, 100 * i + 100)), [5], params, seed=1)
+
+  async def main():
+    held = engine.resume(state(1), lambda sharding, shape: _NeverLands())
+    holding = asyncio.create_task(drain(held))
+    await asyncio.sleep(0.3)  # its pages are reserved, its KV on the way for ever
+    with pytest.raises(TransferError, match="no free pages"):
+      await asyncio.wait_for(drain(engine.resume(state(2), lambda s, shape: _NeverLands())), 30)
+    holding.cancel()
+    return await all_pages_back(engine)
+
+  try:
+    asyncio.run(main())
   finally:
     engine.shutdown(30)

@@ -129,3 +129,14 @@ def test_the_cli_never_overrides_a_platform(monkeypatch):
   cli._skip_absent_tpu()
   assert os.environ["JAX_PLATFORMS"].split(",")[-1] == "cpu"
   assert "tpu" not in os.environ["JAX_PLATFORMS"]
+
+
+def test_serve_opens_only_the_public_port_beyond_loopback_by_default():
+  """/metrics has no auth and the KV transfer server none of its own: both stay on loopback
+  unless the operator says otherwise; the public gRPC port is the one that faces clients."""
+  from server.cli import build_parser
+
+  args = build_parser().parse_args(["serve"])
+  assert (args.metrics_host, args.internal_host) == ("127.0.0.1", "127.0.0.1")
+  assert args.host == "0.0.0.0"
+  assert args.handoff_timeout == 30.0 and args.worker_down_after == 3

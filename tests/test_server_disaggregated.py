@@ -14,6 +14,7 @@ import asyncio
 import random
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -296,6 +297,34 @@ def test_a_hung_worker_is_found_in_seconds_and_routing_resumes(topology, stub, o
 
 
 @ROUTER_ONLY
+def test_a_worker_that_pauses_for_a_missed_health_check_keeps_its_streams(topology, offline):
+  """SIGSTOP for 1.5 s, then SIGCONT: the router's checks go unanswered once or twice, which
+  is not enough to call the worker down, and the stream completes with the offline tokens."""
+  decode = topology.workers["decode"]
+  params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+  async def pause_mid_stream():
+    async with grpc.aio.insecure_channel(topology.endpoint.address) as channel:
+      request = pb.GenerateRequest(
+        text="Count:", sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)
+      )
+      call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
+      ids = list((await call.read()).token_ids) + list((await call.read()).token_ids)
+      decode.proc.send_signal(signal.SIGSTOP)
+      try:
+        await asyncio.sleep(1.5)
+      finally:
+        decode.proc.send_signal(signal.SIGCONT)
+      async for response in call:
+        ids += response.token_ids
+      return ids
+
+  ids = asyncio.run(pause_mid_stream())
+  assert ids == offline.generate("Count:", params)[0].token_ids
+  assert health(topology.endpoint) == "SERVING"
+
+
+@ROUTER_ONLY
 def test_a_killed_worker_fails_its_requests_and_a_restarted_one_is_used(topology, stub, offline):
   prefill = topology.workers["prefill"]
   prefill.proc.kill()
@@ -306,8 +335,8 @@ def test_a_killed_worker_fails_its_requests_and_a_restarted_one_is_used(topology
   assert e.value.code() == grpc.StatusCode.UNAVAILABLE
   prefill.stop()
   topology.workers["prefill"] = again = Server(
-    "--role", "prefill", log=topology.logs / "prefill-again.log", cache=topology.cache,
-    port=prefill.port,
+    "--role", "prefill", "--handoff-timeout", str(HANDOFF_TIMEOUT),
+    log=topology.logs / "prefill-again.log", cache=topology.cache, port=prefill.port,
   )  # fmt: skip
   again.wait_serving()
   wait_for(lambda: health(topology.endpoint) == "SERVING", 10, "SERVING again")
@@ -487,3 +516,50 @@ def test_a_worker_refuses_public_generate(topology):
 def test_sigterm_stops_every_process_cleanly(topology):
   for server in (topology.endpoint, *topology.workers.values()):
     assert server.terminate() == 0, server.output()
+
+
+def test_a_router_calls_its_workers_over_tls_with_the_internal_token(
+  tmp_path, compilation_cache, offline
+):
+  """Every process with TLS and both tokens: a client with the public token is served
+  through the router (which reaches its workers over TLS with the internal token), and the
+  public token cannot call a worker's StageWorker API."""
+  subprocess.run(
+    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+     "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem", "-subj", "/CN=localhost",
+     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+    check=True, capture_output=True,
+  )  # fmt: skip
+  (tmp_path / "public").write_text("public-token")
+  (tmp_path / "internal").write_text("internal-token")
+  secure = [
+    "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+    "--auth-token-file", str(tmp_path / "public"),
+    "--internal-token-file", str(tmp_path / "internal"),
+  ]  # fmt: skip
+  credentials = grpc.ssl_channel_credentials((tmp_path / "cert.pem").read_bytes())
+  workers = {
+    role: Server("--role", role, *secure, log=tmp_path / f"{role}.log", cache=compilation_cache)
+    for role in ("prefill", "decode")
+  }
+  router = Server(
+    "--role", "router", "--prefill", workers["prefill"].address,
+    "--decode", workers["decode"].address, "--tls-ca", str(tmp_path / "cert.pem"), *secure,
+    log=tmp_path / "router.log", cache=compilation_cache,
+  )  # fmt: skip
+  public = (("authorization", "Bearer public-token"),)
+  try:
+    for s in (*workers.values(), router):
+      s.wait_serving(credentials=credentials)
+    with router.channel(credentials) as channel:
+      request = pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8))
+      ids, _, _ = collect(router.stub(channel), request, metadata=public)
+    assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+    with workers["decode"].channel(credentials) as channel, pytest.raises(grpc.RpcError) as e:
+      stages_pb2_grpc.StageWorkerStub(channel).Describe(
+        spb.DescribeRequest(), metadata=public, timeout=10
+      )
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+  finally:
+    for s in (router, *workers.values()):
+      s.stop()

@@ -2,6 +2,8 @@
 failure (the test-only $MESHSERVE_TEST_FAULT_FILE hook), which comes last: it kills the engine."""
 
 import concurrent.futures
+import ipaddress
+import pathlib
 import subprocess
 import time
 
@@ -10,6 +12,8 @@ import pytest
 from serving import Server
 
 from server.proto.meshserve.v1 import inference_pb2 as pb
+from server.proto.meshserve.v1 import stages_pb2 as spb
+from server.proto.meshserve.v1 import stages_pb2_grpc
 
 TOKEN = "s3cret-token"
 
@@ -144,5 +148,60 @@ def test_sigterm_during_warmup_stops_promptly(tmp_path):
     assert s.terminate(timeout=60) == 0, s.output()
     assert time.monotonic() - start < 30
     assert "cancelled" in s.output()
+  finally:
+    s.stop()
+
+
+def listening_hosts(port: int) -> set[str]:
+  """The addresses (IPv4 and IPv6) that listen on `port`, from /proc/net/tcp{,6}."""
+  hosts = set()
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in pathlib.Path(table).read_text().splitlines()[1:]:
+      local, state = line.split()[1], line.split()[3]
+      address, hex_port = local.split(":")
+      if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+        raw = bytes.fromhex(address)
+        words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]  # host-order words
+        ip = ipaddress.ip_address(b"".join(words))
+        hosts.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+  return hosts
+
+
+def test_a_worker_s_stage_api_takes_only_the_internal_token_and_listens_inward(tmp_path):
+  """A decode worker with both credentials: StageWorker refuses the public token
+  (PERMISSION_DENIED) and no token (UNAUTHENTICATED), takes the internal one; the public
+  API takes either. /metrics and the KV transfer server listen where --metrics-host and
+  --internal-host say, not on --host."""
+  (tmp_path / "public").write_text("public-token")
+  (tmp_path / "internal").write_text("internal-token")
+  s = Server(
+    "--role", "decode", "--no-warmup", "--auth-token-file", str(tmp_path / "public"),
+    "--internal-token-file", str(tmp_path / "internal"), "--metrics-host", "127.0.0.2",
+    "--internal-host", "127.0.0.3", log=tmp_path / "worker.log", cache=tmp_path / "cache",
+  )  # fmt: skip
+  public, internal = (
+    (("authorization", "Bearer public-token"),),
+    (("authorization", "Bearer internal-token"),),
+  )
+  try:
+    s.wait_serving()
+    with s.channel() as channel:
+      stage = stages_pb2_grpc.StageWorkerStub(channel)
+      for metadata, code in [
+        (public, grpc.StatusCode.PERMISSION_DENIED),
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+      ]:
+        with pytest.raises(grpc.RpcError) as e:
+          stage.Describe(spb.DescribeRequest(), metadata=metadata, timeout=10)
+        assert e.value.code() == code, e.value
+      info = stage.Describe(spb.DescribeRequest(), metadata=internal, timeout=10)
+      assert info.role == "decode"
+      for metadata in (public, internal):
+        s.stub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=10)
+    # Each listener where its own flag says (the defaults: tests/test_cli.py).
+    host, transfer_port = info.transfer_address.rsplit(":", 1)
+    assert host == "127.0.0.3" and listening_hosts(int(transfer_port)) == {"127.0.0.3"}
+    assert listening_hosts(s.metrics_port) == {"127.0.0.2"}
+    assert listening_hosts(s.port) == {"127.0.0.1"}
   finally:
     s.stop()

@@ -237,8 +237,8 @@ def test_engine_greedy_matches_single_device(sharded, llm, model, golden):
     assert engine.runner.cache.k.sharding.spec[1] == "data"
     match = allocator.match_prefix
 
-    def spy(request_id, *args):
-      cached = match(request_id, *args)
+    def spy(request_id, *args, **kw):
+      cached = match(request_id, *args, **kw)
       replicas.append(allocator.replica_of(request_id))
       return cached
 
