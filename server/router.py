@@ -43,7 +43,16 @@ from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
 from server.proto.meshserve.v1 import stages_pb2 as spb
-from server.servicer import record, timing_proto
+from server.servicer import (
+  CALLER,
+  MAX_CACHE_SALT_BYTES,
+  InvalidArgument,
+  check_size,
+  record,
+  scoped,
+  scoped_salt,
+  timing_proto,
+)
 
 log = logging.getLogger("meshserve.router")
 
@@ -187,12 +196,16 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
 
     client_id = None
     # The client sees its own id (or a random one); the workers see one the router reserved,
-    # so no client id can collide with another request on a worker.
+    # so no client id can collide with another request on a worker. Each caller has its own
+    # id namespace and prefix-cache scope.
     reply_id = request.request_id or new_request_id()
+    caller = CALLER.get()
     try:
-      if request.request_id in self._client_ids:
+      check_size(request.cache_salt, "cache_salt", MAX_CACHE_SALT_BYTES)
+      request.cache_salt = scoped_salt(caller, request.cache_salt)
+      if request.request_id and scoped(caller, request.request_id) in self._client_ids:
         raise RequestIdInUseError(f"request_id: {request.request_id!r} is already in flight")
-      client_id = request.request_id or None
+      client_id = scoped(caller, request.request_id) if request.request_id else None
       if client_id:
         self._client_ids.add(client_id)
       prefill, decode = self.router.pick("prefill"), self.router.pick("decode")
@@ -246,6 +259,8 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
       status = grpc.StatusCode.OK
     except NoWorker as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
+    except InvalidArgument as e:
+      status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
     except RequestIdInUseError as e:
       status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
     except grpc.aio.AioRpcError as e:  # a worker's answer, passed through
@@ -342,24 +357,26 @@ def _stats_dict(s: pb.StageStats) -> dict:
 
 
 async def serve_router(
-  opts, stop: asyncio.Event, token: str | None, internal: str | None = None
+  opts, stop: asyncio.Event, tokens: dict[str, str], internal: str | None = None
 ) -> int:
-  """Runs the router until `stop`; returns the exit status. Clients call it with `token`; it
-  calls its workers with `internal`, or `token` when there is no internal token."""
+  """Runs the router until `stop`; returns the exit status. Clients call it with one of
+  `tokens` (token -> caller name); it calls its workers with `internal`, or else with one of
+  `tokens`."""
   from server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
 
   credentials = None
   if opts.tls_ca is not None:
     credentials = grpc.ssl_channel_credentials(opts.tls_ca.read_bytes())
   router = Router(
-    opts.prefill_workers, opts.decode_workers, internal or token, MAX_MESSAGE_BYTES,
+    opts.prefill_workers, opts.decode_workers, internal or next(iter(tokens), None),
+    MAX_MESSAGE_BYTES,
     credentials=credentials, down_after=opts.worker_down_after,
   )  # fmt: skip
   checks = health.aio.HealthServicer()
   metrics = Metrics(router.stages)
   servicer = RouterServicer(router, metrics)
   add = inference_pb2_grpc.add_InferenceServicer_to_server
-  server, port = _grpc_server(opts, [(SERVICE, add, servicer)], checks, token)
+  server, port = _grpc_server(opts, [(SERVICE, add, servicer)], checks, tokens)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   log.info(

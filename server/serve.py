@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import inspect
 import logging
 import os
 import pathlib
@@ -33,7 +34,7 @@ from engine.disaggregated import DisaggregatedEngine
 from engine.runner import enable_compilation_cache
 from server.metrics import Metrics
 from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
-from server.servicer import InferenceServicer, ServingInfo
+from server.servicer import CALLER, InferenceServicer, ServingInfo
 from sharding import Layout, split_devices
 
 log = logging.getLogger("meshserve.server")
@@ -78,13 +79,15 @@ class ServeOptions:
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
   """Bearer tokens (metadata `authorization: Bearer <token>`) on every call but health checks.
 
-  Two credentials: the public token, which clients hold, opens the Inference service and
-  reflection; the internal token, which only the router holds, opens everything, and it alone
-  opens a worker's StageWorker service. Without an internal token, the public one opens
-  StageWorker too (one shared secret, as before the two existed)."""
+  Two kinds of credential. Public tokens, which clients hold, each under a caller name, open
+  the Inference service and reflection; the handler sees the caller's name in `CALLER`, and
+  each name is its own prefix-cache scope and request-id namespace. The internal token, which
+  only the router holds, opens everything, and it alone opens a worker's StageWorker service.
+  Without an internal token, the public tokens open StageWorker too."""
 
-  def __init__(self, public: str | None, internal: str | None = None):
-    self.public = None if public is None else f"Bearer {public}".encode()
+  def __init__(self, public: dict[str, str], internal: str | None = None):
+    """public: token -> caller name (one unnamed token: name "")."""
+    self.public = [(f"Bearer {t}".encode(), name) for t, name in public.items()]
     self.internal = None if internal is None else f"Bearer {internal}".encode()
 
   async def intercept_service(self, continuation, details):
@@ -95,19 +98,54 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     internal_only = details.method.startswith(STAGES_PREFIX) and self.internal is not None
     if self.internal is not None and hmac.compare_digest(given, self.internal):
       return handler
-    if self.public is not None and hmac.compare_digest(given, self.public):
+    # Every token is compared, so the time taken does not say which one nearly matched.
+    names = [name for token, name in self.public if hmac.compare_digest(given, token)]
+    if names:
       if internal_only:
         return _refusal(
           handler, grpc.StatusCode.PERMISSION_DENIED,
-          "StageWorker takes the internal token (--internal-token-file), not the public one",
+          "StageWorker takes the internal token (--internal-token-file), not a public one",
         )  # fmt: skip
-      return handler
-    if self.public is None and not internal_only:
+      return _as_caller(handler, names[0])
+    if not self.public and not internal_only:
       return handler  # no public credential: the public API is open
     return _refusal(
       handler, grpc.StatusCode.UNAUTHENTICATED,
       "missing or wrong bearer token (metadata 'authorization')",
     )  # fmt: skip
+
+
+_KINDS = {
+  (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+  (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+  (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+  (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _as_caller(handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
+  """`handler`, run with CALLER set to `name`."""
+  attribute, make = _KINDS[handler.request_streaming, handler.response_streaming]
+  behavior = getattr(handler, attribute)
+
+  if inspect.isasyncgenfunction(behavior):
+
+    async def wrapped(request, context):
+      CALLER.set(name)
+      async for response in behavior(request, context):
+        yield response
+
+  else:
+
+    async def wrapped(request, context):
+      CALLER.set(name)
+      return await behavior(request, context)
+
+  return make(
+    wrapped,
+    request_deserializer=handler.request_deserializer,
+    response_serializer=handler.response_serializer,
+  )
 
 
 def _refusal(
@@ -122,18 +160,33 @@ def _refusal(
     await context.abort(code, message)
     yield  # makes this an async generator, as a streaming handler must be
 
-  kinds = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-  }
-  streaming = (handler.request_streaming, handler.response_streaming)
-  return kinds[streaming](
+  _, make = _KINDS[handler.request_streaming, handler.response_streaming]
+  return make(
     refuse_stream if handler.response_streaming else refuse,
     request_deserializer=handler.request_deserializer,
     response_serializer=handler.response_serializer,
   )
+
+
+def read_tokens(path: pathlib.Path | None, flag: str) -> dict[str, str]:
+  """An auth file's tokens -> caller names. Each line is `NAME TOKEN`, or a lone `TOKEN` (whose
+  caller has no name); blank lines and lines starting with # are skipped."""
+  if path is None:
+    return {}
+  tokens: dict[str, str] = {}
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+      continue
+    if len(fields) > 2:
+      raise ValueError(f"{flag}: {path}:{number}: expected NAME TOKEN or TOKEN")
+    name, token = fields if len(fields) == 2 else ("", fields[0])
+    if token in tokens:
+      raise ValueError(f"{flag}: {path}:{number}: a token given twice")
+    tokens[token] = name
+  if not tokens:
+    raise ValueError(f"{flag}: {path} holds no token")
+  return tokens
 
 
 def fault_hook():
@@ -153,10 +206,11 @@ async def serve(opts: ServeOptions) -> int:
   """Runs the server until SIGTERM/SIGINT; returns the process exit status."""
   loop = asyncio.get_running_loop()
   start = time.perf_counter()
-  token, internal = (
-    _token(opts.auth_token_file, "--auth-token-file"),
-    _token(opts.internal_token_file, "--internal-token-file"),
-  )
+  tokens = read_tokens(opts.auth_token_file, "--auth-token-file")
+  internal = read_tokens(opts.internal_token_file, "--internal-token-file")
+  if len(internal) > 1:
+    raise ValueError(f"--internal-token-file: {opts.internal_token_file} holds several tokens")
+  internal = next(iter(internal), None)
   stop = asyncio.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     loop.add_signal_handler(sig, stop.set)
@@ -165,7 +219,7 @@ async def serve(opts: ServeOptions) -> int:
   if opts.role == "router":
     from server.router import serve_router
 
-    return await serve_router(opts, stop, token, internal)
+    return await serve_router(opts, stop, tokens, internal)
   models = await asyncio.to_thread(_load, opts)
   if stop.is_set():
     log.info("stopped while loading the model")
@@ -205,7 +259,7 @@ async def serve(opts: ServeOptions) -> int:
     services.append(
       stage_service(engine, public, opts.internal_host, handoff_timeout=opts.handoff_timeout)
     )
-  server, port = _grpc_server(opts, services, checks, token, internal)
+  server, port = _grpc_server(opts, services, checks, tokens, internal)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   tls = " with TLS" if opts.tls_cert else ""
@@ -237,26 +291,17 @@ async def serve(opts: ServeOptions) -> int:
   return 0
 
 
-def _token(path: pathlib.Path | None, flag: str) -> str | None:
-  if path is None:
-    return None
-  token = path.read_text().strip()
-  if not token:
-    raise ValueError(f"{flag}: {path} is empty")
-  return token
-
-
 def _grpc_server(
   opts: ServeOptions,
   services,
   checks: health.aio.HealthServicer,
-  token: str | None,
+  tokens: dict[str, str],
   internal: str | None = None,
 ):
   """The server with every service registered and its port bound, not started yet.
   services: (full name, add_*Servicer_to_server, servicer) of each service besides health."""
   server = grpc.aio.server(
-    interceptors=[BearerTokenAuth(token, internal)] if token or internal else [],
+    interceptors=[BearerTokenAuth(tokens, internal)] if tokens or internal else [],
     maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
     options=[
       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import logging
 import time
 
@@ -43,6 +45,21 @@ log = logging.getLogger("meshserve.requests")
 
 MAX_TEXT_BYTES = 1 << 20  # a longer text cannot fit any context; refuse it before tokenizing
 MAX_CACHE_SALT_BYTES = 256
+# The authenticated caller's name (server.serve.BearerTokenAuth sets it; "" when unnamed or
+# without auth): its own prefix-cache scope and request-id namespace.
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_caller", default="")
+
+
+def scoped(caller: str, value: str) -> str:
+  """`value` in `caller`'s namespace: two callers' equal values never meet."""
+  return f"{caller}\x1f{value}" if caller else value
+
+
+def scoped_salt(caller: str, salt: str) -> str:
+  """A cache salt in `caller`'s scope, no longer than a salt may be (a router forwards it)."""
+  return hashlib.sha256(scoped(caller, salt).encode()).hexdigest() if caller else salt
+
+
 DEFAULT_MAX_TOKENS = 64
 CHAT_ROLES = ("system", "user", "assistant")
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -115,15 +132,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
           f"this is a {self.engine.role} worker: send Generate to the router in front of it"
         )
       ids, params = await self.parse(request)
+      caller = CALLER.get()
       stream = self.engine.generate(
-        ids, params, request.request_id or None, deadline=deadline_of(context),
-        cache_salt=request.cache_salt,
+        ids, params, scoped(caller, request.request_id) if request.request_id else None,
+        deadline=deadline_of(context), cache_salt=scoped_salt(caller, request.cache_salt),
       )  # fmt: skip
       async with contextlib.aclosing(stream):
         async for delta in stream:
           if delta.finish_reason == "abort":
             raise EngineDeadError("the request was aborted: the server is shutting down")
-          yield response_proto(delta)
+          response = response_proto(delta)
+          response.request_id = request.request_id or delta.request_id  # unscoped
+          yield response
       status = grpc.StatusCode.OK
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
       status = grpc.StatusCode.CANCELLED
@@ -140,7 +160,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     if not self.engine.ready.is_set():
       raise EngineNotReady("the server is warming up; health turns SERVING when it is done")
     # What costs nothing to check comes first: tokenizing a long text may take a while.
-    _check_size(request.cache_salt, "cache_salt", MAX_CACHE_SALT_BYTES)
+    check_size(request.cache_salt, "cache_salt", MAX_CACHE_SALT_BYTES)
     sampling_of(request.sampling)
     self.engine.check_queue()
     field, ids = await self._prompt(request.text, request.token_ids, request.messages)
@@ -153,7 +173,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       if request.messages:
         text, ids = await asyncio.to_thread(self.engine.encode_chat, _messages(request.messages))
       else:
-        _check_size(request.text)
+        check_size(request.text)
         text, ids = request.text, await asyncio.to_thread(self.engine.encode, request.text)
     except ValueError as e:
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -197,7 +217,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     if messages:
       ids = (await asyncio.to_thread(self.engine.encode_chat, _messages(messages)))[1]
     elif text:
-      _check_size(text)
+      check_size(text)
       ids = await asyncio.to_thread(self.engine.encode, text)
     else:
       ids = list(token_ids)
@@ -330,12 +350,12 @@ def _messages(messages) -> list[dict[str, str]]:
   for i, m in enumerate(messages):
     if m.role not in CHAT_ROLES:
       raise InvalidArgument(f"messages[{i}].role: {m.role!r} is not one of {', '.join(CHAT_ROLES)}")
-    _check_size(m.content, f"messages[{i}].content")
+    check_size(m.content, f"messages[{i}].content")
     out.append({"role": m.role, "content": m.content})
   return out
 
 
-def _check_size(text: str, field: str = "text", limit: int = MAX_TEXT_BYTES) -> None:
+def check_size(text: str, field: str = "text", limit: int = MAX_TEXT_BYTES) -> None:
   size = len(text.encode())
   if size > limit:
     raise InvalidArgument(f"{field}: {size} bytes exceed the limit of {limit}")

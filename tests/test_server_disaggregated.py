@@ -11,6 +11,8 @@ after 50 random cancels and deadlines. The router also survives a hung and a kil
 """
 
 import asyncio
+import os
+import pathlib
 import random
 import re
 import signal
@@ -32,7 +34,7 @@ from server.proto.meshserve.v1 import stages_pb2 as spb
 ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
 pytestmark = pytest.mark.slow
 ROUTER_ONLY = pytest.mark.parametrize("topology", ["router"], indirect=True)
-HANDOFF_TIMEOUT = 4  # seconds the prefill worker holds a hand-off's pages
+HANDOFF_TIMEOUT = 15  # seconds the prefill worker holds a hand-off's pages (8 prefills fit)
 
 
 class Topology:
@@ -344,6 +346,41 @@ def test_a_killed_worker_fails_its_requests_and_a_restarted_one_is_used(topology
   assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
 
 
+@ROUTER_ONLY
+def test_a_killed_decode_worker_ends_its_streams_in_seconds(topology, stub, offline):
+  """SIGKILL mid-stream: the stream ends UNAVAILABLE within 5 s; a worker restarted on the
+  same port is used again."""
+  decode = topology.workers["decode"]
+
+  async def stream_then_kill():
+    async with grpc.aio.insecure_channel(topology.endpoint.address) as channel:
+      request = pb.GenerateRequest(
+        text="Count:", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)
+      )
+      call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
+      await call.read()
+      await call.read()  # decoding on the decode worker now
+      decode.proc.kill()
+      killed_at = time.monotonic()
+      with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in read_all(call):
+          pass
+      return e.value, time.monotonic() - killed_at
+
+  error, seconds = asyncio.run(stream_then_kill())
+  assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+  assert seconds < 5
+  decode.stop()
+  topology.workers["decode"] = again = Server(
+    "--role", "decode", "--cpu-devices", "2", "--layout", "tp=2",
+    log=topology.logs / "decode-again.log", cache=topology.cache, port=decode.port,
+  )  # fmt: skip
+  again.wait_serving()
+  wait_for(lambda: health(topology.endpoint) == "SERVING", 10, "SERVING again")
+  ids, _, _ = collect(stub, pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_tokens=8)))
+  assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
+
+
 def valid_handoff(model, kv_shards: int) -> spb.Handoff:
   """A hand-off that the decode worker would accept (then dial its transfer address): what
   the attacks below mutate."""
@@ -447,6 +484,12 @@ def test_fuzzed_hand_offs_never_hurt_the_decode_worker(topology, stub, offline, 
   assert ids == offline.generate("Hi", SamplingParams(max_tokens=8))[0].token_ids
 
 
+def cpu_seconds(pid: int) -> float:
+  """The process's CPU time so far (user + system), from /proc."""
+  fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _responses(call) -> list:
   return [response async for response in call]
 
@@ -454,9 +497,9 @@ async def _responses(call) -> list:
 @ROUTER_ONLY
 def test_hand_offs_nobody_releases_time_out_and_their_pages_come_back(topology, stub, offline):
   """Eight Prefill streams that take their hand-off and never release it hold almost the whole
-  prefill pool. A ninth request waits; at --handoff-timeout the eight end DEADLINE_EXCEEDED,
-  the ninth is served, every page is back. (That the engine sleeps meanwhile is
-  tests/test_async_engine.py::test_an_engine_whose_requests_all_wait_blocks_instead_of_spinning.)"""
+  prefill pool. A ninth request waits, and the worker sleeps meanwhile (under 10% of a core,
+  read from its CPU time); at --handoff-timeout the eight end DEADLINE_EXCEEDED, the ninth is
+  served, and every page is back."""
   worker = topology.workers["prefill"]
 
   def prompt(i: int) -> list[int]:  # 15 pages of 16 each, shared with no other prompt
@@ -491,13 +534,20 @@ def test_hand_offs_nobody_releases_time_out_and_their_pages_come_back(topology, 
         timeout=60,
       )
       ninth = asyncio.create_task(_responses(call))
-      await asyncio.sleep(1.0)
+      await asyncio.sleep(0.5)
       assert not ninth.done()  # no room in the prefill pool
+      with worker.channel() as channel:
+        stats = model_info(worker.stub(channel)).stages[0].stats
+      before = cpu_seconds(worker.proc.pid)
+      await asyncio.sleep(2.0)
+      cpu = cpu_seconds(worker.proc.pid) - before
       outcomes = await asyncio.gather(*held)
       responses = await ninth
-      return outcomes, responses, time.monotonic() - start
+      return stats, cpu, outcomes, responses, time.monotonic() - start
 
-  outcomes, responses, waited = asyncio.run(main())
+  stats, cpu, outcomes, responses, waited = asyncio.run(main())
+  assert (stats.pinned, stats.running, stats.waiting) == (8, 0, 1), stats
+  assert cpu < 0.2, f"the waiting worker used {cpu:.2f} s of CPU in 2 s"
   assert outcomes == ["DEADLINE_EXCEEDED"] * 8
   assert responses[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
   assert waited < HANDOFF_TIMEOUT + 30

@@ -15,7 +15,8 @@ from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import stages_pb2 as spb
 from server.proto.meshserve.v1 import stages_pb2_grpc
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token"  # alice's
+BOB = "bobs-token"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def tls(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tls, compilation_cache):
   d = tmp_path_factory.mktemp("server")
-  (d / "token").write_text(TOKEN + "\n")
+  (d / "token").write_text(f"# name token\nalice {TOKEN}\nbob {BOB}\n")
   cert, key = tls
   s = Server(
     "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "token"),
@@ -75,6 +76,34 @@ def test_tls_and_bearer_token(server):
   with server.channel() as plaintext, pytest.raises(grpc.RpcError) as e:
     server.health(plaintext)  # a TLS port does not speak plaintext
   assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_each_named_token_has_its_own_cache_scope_and_request_ids(server):
+  """alice and bob (two named tokens) may both have a request "x" in flight, and neither is
+  served from the other's prefix cache; alice's own second "x" is refused."""
+  bob = (("authorization", f"Bearer {BOB}"),)
+  prompt = "Meeting notes, strictly confidential: the merger closes on Friday at noon. " * 2
+
+  def run(metadata, request_id=""):
+    request = pb.GenerateRequest(
+      request_id=request_id, text=prompt, sampling=pb.SamplingParams(max_tokens=2)
+    )
+    return list(server.stub(channel).Generate(request, metadata=metadata, timeout=120))
+
+  with server.channel(server.credentials) as channel:
+    run(AUTH)
+    assert run(bob)[-1].usage.cached_prompt_tokens == 0
+    assert run(AUTH)[-1].usage.cached_prompt_tokens > 0
+    long = pb.GenerateRequest(
+      request_id="x", text="Count:", sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)
+    )
+    alice_x = server.stub(channel).Generate(long, metadata=AUTH, timeout=120)
+    assert next(alice_x).request_id == "x"
+    assert run(bob, "x")[-1].request_id == "x"  # bob's "x" is not alice's
+    with pytest.raises(grpc.RpcError) as e:
+      run(AUTH, "x")
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    list(alice_x)
 
 
 def test_a_full_queue_gets_resource_exhausted(server):
