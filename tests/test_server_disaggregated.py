@@ -317,7 +317,7 @@ def test_a_worker_that_pauses_for_a_missed_health_check_keeps_its_streams(topolo
         await asyncio.sleep(1.5)
       finally:
         decode.proc.send_signal(signal.SIGCONT)
-      async for response in call:
+      async for response in read_all(call):
         ids += response.token_ids
       return ids
 
