@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     metrics_host=args.metrics_host,
     internal_host=args.internal_host,
     handoff_timeout=args.handoff_timeout,
+    slow_reader_timeout=args.slow_reader_timeout,
     engine=engine,
     max_queue=args.max_queue,
     tls_cert=args.tls_cert,
@@ -285,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     "--internal-token-file", type=pathlib.Path, default=None,
     help="router and workers: the token the router calls workers with; a worker's StageWorker "
     "API takes it alone (the public token gets PERMISSION_DENIED there)",
+  )  # fmt: skip
+  srv.add_argument(
+    "--slow-reader-timeout", type=float, default=30.0,
+    help="seconds a Generate stream may wait for its client to read; then it is cancelled",
   )  # fmt: skip
   srv.add_argument(
     "--max-concurrent-rpcs", type=int, default=1024,

@@ -47,10 +47,12 @@ from server.servicer import (
   CALLER,
   MAX_CACHE_SALT_BYTES,
   InvalidArgument,
+  SlowReader,
   check_size,
   record,
   scoped,
   scoped_salt,
+  send,
   timing_proto,
 )
 
@@ -181,7 +183,8 @@ class Router:
 
 
 class RouterServicer(inference_pb2_grpc.InferenceServicer):
-  def __init__(self, router: Router, metrics: Metrics):
+  def __init__(self, router: Router, metrics: Metrics, *, slow_reader_timeout: float = 30.0):
+    self.slow_reader_timeout = slow_reader_timeout
     self.router, self.metrics = router, metrics
     self._client_ids: set[str] = set()  # in flight, across both stages
 
@@ -224,7 +227,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
           break
         first_token_at, last = time.perf_counter(), event.first
         event.first.request_id = reply_id
-        yield event.first
+        await send(context, event.first, self.slow_reader_timeout)
       if handoff is not None:
         rest = track(
           decode,
@@ -255,12 +258,14 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
             )
             response.timing.CopyFrom(timing_proto(timing))
           last = response
-          yield response
+          await send(context, response, self.slow_reader_timeout)
       status = grpc.StatusCode.OK
     except NoWorker as e:
       status, message = grpc.StatusCode.UNAVAILABLE, str(e)
     except InvalidArgument as e:
       status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    except SlowReader as e:
+      status, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
     except RequestIdInUseError as e:
       status, message = grpc.StatusCode.ALREADY_EXISTS, str(e)
     except grpc.aio.AioRpcError as e:  # a worker's answer, passed through
@@ -272,9 +277,6 @@ class RouterServicer(inference_pb2_grpc.InferenceServicer):
         status = grpc.StatusCode.CANCELLED
         raise
       status, message = grpc.StatusCode.UNAVAILABLE, _down(calls)  # a worker went down
-    except GeneratorExit:
-      status = grpc.StatusCode.CANCELLED
-      raise
     except Exception as e:  # a defect here: say what it was, and serve on
       log.exception("request %r failed in the router", reply_id)
       status, message = grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"
@@ -374,7 +376,7 @@ async def serve_router(
   )  # fmt: skip
   checks = health.aio.HealthServicer()
   metrics = Metrics(router.stages)
-  servicer = RouterServicer(router, metrics)
+  servicer = RouterServicer(router, metrics, slow_reader_timeout=opts.slow_reader_timeout)
   add = inference_pb2_grpc.add_InferenceServicer_to_server
   server, port = _grpc_server(opts, [(SERVICE, add, servicer)], checks, tokens)
   await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -56,6 +56,7 @@ class ServeOptions:
   metrics_host: str = "127.0.0.1"  # /metrics has no auth: loopback unless the operator asks
   internal_host: str = "127.0.0.1"  # a stage worker's KV transfer server
   handoff_timeout: float = 30.0  # a prefill worker holds a hand-off's pages at most this long
+  slow_reader_timeout: float = 30.0  # a stream whose client reads nothing this long ends
   engine: EngineConfig = EngineConfig()
   max_queue: int | None = 256
   tls_cert: pathlib.Path | None = None
@@ -251,7 +252,7 @@ async def serve(opts: ServeOptions) -> int:
     attention=models[0].attention.kind,
     dtype=jnp.dtype(models[0].config.dtype).name,
   )
-  public = InferenceServicer(engine, info, metrics)
+  public = InferenceServicer(engine, info, metrics, slow_reader_timeout=opts.slow_reader_timeout)
   services = [(SERVICE, inference_pb2_grpc.add_InferenceServicer_to_server, public)]
   if opts.role in ("prefill", "decode"):
     from server.stages import stage_service

@@ -81,6 +81,22 @@ class InvalidArgument(ValueError):
   pass
 
 
+class SlowReader(TimeoutError):
+  """The client stopped reading its stream."""
+
+
+async def send(context: grpc.aio.ServicerContext, response, timeout: float | None) -> None:
+  """Writes one response of a stream, waiting at most `timeout` seconds for the client to make
+  room for it (HTTP/2 flow control): a client that stops reading cannot hold a request, its
+  batch slot and its pages for longer."""
+  try:
+    await asyncio.wait_for(context.write(response), timeout)
+  except TimeoutError:
+    raise SlowReader(
+      f"the client read nothing for {timeout:g}s (--slow-reader-timeout): request cancelled"
+    ) from None
+
+
 class EngineNotReady(RuntimeError):
   pass
 
@@ -120,9 +136,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
   """Over any engine front end with AsyncEngine's streaming API: an AsyncEngine (colocated)
   or a DisaggregatedEngine (prefill and decode stages in this process)."""
 
-  def __init__(self, engine, info: ServingInfo, metrics: Metrics):
+  def __init__(
+    self, engine, info: ServingInfo, metrics: Metrics, *, slow_reader_timeout: float = 30.0
+  ):
     self.engine, self.info, self.metrics = engine, info, metrics
     self.config = engine.config
+    self.slow_reader_timeout = slow_reader_timeout
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
     start, status, delta = time.perf_counter(), grpc.StatusCode.UNKNOWN, None
@@ -143,9 +162,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise EngineDeadError("the request was aborted: the server is shutting down")
           response = response_proto(delta)
           response.request_id = request.request_id or delta.request_id  # unscoped
-          yield response
+          await send(context, response, self.slow_reader_timeout)
       status = grpc.StatusCode.OK
-    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+    except asyncio.CancelledError:  # the client went away
       status = grpc.StatusCode.CANCELLED
       raise
     except Exception as e:
