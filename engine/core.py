@@ -95,7 +95,10 @@ class EngineCore:
     self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
     self._moving: dict[str, _Import] = {}  # reserved, KV on its way
     self.transfer_timeout = 60.0  # seconds a started KV fetch may take before it fails
-    self.import_timeout = 60.0  # seconds an import may wait for pages before it fails
+    # Seconds an import may wait for pages before it fails: less than a prefill worker holds
+    # its KV for (--handoff-timeout, 30 s), so the decode side gives up first, with a clear
+    # error, rather than pull an offer already withdrawn.
+    self.import_timeout = 20.0
     self._stalled = False  # the last turn had requests but could schedule none of them
     self.transfers = dict(
       kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
@@ -178,7 +181,8 @@ class EngineCore:
     messages = []
     if not self.engine.has_unfinished() or self._stalled:
       with contextlib.suppress(queue.Empty):
-        messages.append(self._inbox.get(timeout=0.002 if self._moving else None))
+        wait = 0.002 if self._moving else 0.5 if self._imports else None  # their timeouts
+        messages.append(self._inbox.get(timeout=wait))
     while True:
       try:
         messages.append(self._inbox.get_nowait())

@@ -17,19 +17,33 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 stamp=".venv/.installed${extra:+-$extra}"
-# Exits non-zero when an installed distribution that the lock names is at another version (a
-# package upgraded by hand, or a lock that moved under an old .venv).
+# Exits non-zero when a distribution that meshserve[EXTRA] needs (directly or not) is installed
+# at another version than the lock's: a package upgraded by hand, or a lock that moved under an
+# old .venv. Packages outside that closure (pip, another extra's) are not this install's to fix.
 matches_lock() {
-  .venv/bin/python - "$lock" <<'PY'
+  .venv/bin/python - "$lock" "$extra" <<'PY'
 import importlib.metadata as md, re, sys
-pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(sys.argv[1]).read(), re.M))
+from pip._vendor.packaging.requirements import Requirement
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-pins = {norm(k): v for k, v in pins.items()}
-drift = [
-  f"{d.metadata['Name']} {d.version} (lock: {pins[norm(d.metadata['Name'])]})"
-  for d in md.distributions()
-  if pins.get(norm(d.metadata["Name"]), d.version) != d.version
-]
+pins = {norm(k): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(sys.argv[1]).read(), re.M)}
+todo, seen, drift = [("meshserve", {sys.argv[2]} - {""})], set(), []
+while todo:
+  name, extras = todo.pop()
+  try:
+    dist = md.distribution(name)
+  except md.PackageNotFoundError:
+    if name != "meshserve":
+      drift.append(f"{name} missing")
+    continue
+  if norm(name) in seen:
+    continue
+  seen.add(norm(name))
+  if pins.get(norm(name), dist.version) != dist.version:
+    drift.append(f"{name} {dist.version} (lock: {pins[norm(name)]})")
+  for text in dist.requires or ():
+    req = Requirement(text)
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
+      todo.append((req.name, set(req.extras)))
 if drift:
   print("meshserve: not the locked versions: " + ", ".join(drift), file=sys.stderr)
 sys.exit(1 if drift else 0)

@@ -51,13 +51,14 @@ CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_caller",
 
 
 def scoped(caller: str, value: str) -> str:
-  """`value` in `caller`'s namespace: two callers' equal values never meet."""
-  return f"{caller}\x1f{value}" if caller else value
+  """`value` in `caller`'s namespace: two callers' equal values never meet, whatever either
+  sends (the unnamed caller's too: its values are prefixed as well)."""
+  return f"{caller}\x1f{value}"
 
 
 def scoped_salt(caller: str, salt: str) -> str:
   """A cache salt in `caller`'s scope, no longer than a salt may be (a router forwards it)."""
-  return hashlib.sha256(scoped(caller, salt).encode()).hexdigest() if caller else salt
+  return hashlib.sha256(scoped(caller, salt).encode()).hexdigest()
 
 
 DEFAULT_MAX_TOKENS = 64
@@ -167,6 +168,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     except asyncio.CancelledError:  # the client went away
       status = grpc.StatusCode.CANCELLED
       raise
+    except RequestIdInUseError:  # its message has the scoped id
+      status = grpc.StatusCode.ALREADY_EXISTS
+      message = f"request_id: {request.request_id!r} is already in flight"
     except Exception as e:
       status, message = status_of(e, request.request_id or (delta and delta.request_id))
     finally:
