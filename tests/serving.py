@@ -45,6 +45,17 @@ def model_info(stub) -> pb.ModelInfo:
   return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
 
 
+def self_signed_cert(d: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(cert.pem, key.pem): a certificate for 127.0.0.1 and localhost, made here with openssl."""
+  subprocess.run(
+    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+     "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=localhost",
+     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+    check=True, capture_output=True,
+  )  # fmt: skip
+  return d / "cert.pem", d / "key.pem"
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -16,14 +16,13 @@ import pathlib
 import random
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 
 import grpc
 import pytest
 from conftest import assert_greedy_equal
-from serving import Server, collect, model_info, read_all
+from serving import Server, collect, model_info, read_all, self_signed_cert
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import bucket
@@ -574,12 +573,7 @@ def test_a_router_calls_its_workers_over_tls_with_the_internal_token(
   """Every process with TLS and both tokens: a client with the public token is served
   through the router (which reaches its workers over TLS with the internal token), and the
   public token cannot call a worker's StageWorker API."""
-  subprocess.run(
-    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-     "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem", "-subj", "/CN=localhost",
-     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-    check=True, capture_output=True,
-  )  # fmt: skip
+  self_signed_cert(tmp_path)
   (tmp_path / "public").write_text("public-token")
   (tmp_path / "internal").write_text("internal-token")
   secure = [

@@ -4,12 +4,11 @@ failure (the test-only $MESHSERVE_TEST_FAULT_FILE hook), which comes last: it ki
 import concurrent.futures
 import ipaddress
 import pathlib
-import subprocess
 import time
 
 import grpc
 import pytest
-from serving import Server
+from serving import Server, self_signed_cert
 
 from server.proto.meshserve.v1 import inference_pb2 as pb
 from server.proto.meshserve.v1 import stages_pb2 as spb
@@ -22,14 +21,7 @@ BOB = "bobs-token"
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
   """A self-signed certificate for 127.0.0.1, made here."""
-  d = tmp_path_factory.mktemp("tls")
-  subprocess.run(
-    ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-     "-keyout", d / "key.pem", "-out", d / "cert.pem", "-subj", "/CN=localhost",
-     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-    check=True, capture_output=True,
-  )  # fmt: skip
-  return d / "cert.pem", d / "key.pem"
+  return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
