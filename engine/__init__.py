@@ -4,13 +4,13 @@ Never imports grpc. Entry points: `LLM` (offline batches), `Engine` (one step at
 `AsyncEngine` (the streaming API the server uses, over an `EngineCore` thread).
 """
 
-from engine.async_engine import AsyncEngine, QueueFullError, RequestIdInUseError
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineDeadError
-from engine.engine import Engine
-from engine.llm import LLM
-from engine.output import RequestDelta, RequestOutput, RequestTiming, TokenLogprob
-from engine.sampling import SamplingParams
+from meshserve.engine.async_engine import AsyncEngine, QueueFullError, RequestIdInUseError
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.core import EngineCore, EngineDeadError
+from meshserve.engine.engine import Engine
+from meshserve.engine.llm import LLM
+from meshserve.engine.output import RequestDelta, RequestOutput, RequestTiming, TokenLogprob
+from meshserve.engine.sampling import SamplingParams
 
 __all__ = [
   "LLM",

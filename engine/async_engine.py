@@ -30,14 +30,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineDeadError
-from engine.engine import Engine
-from engine.handoff import Handoff, KVFetch, Landed, StageFailed
-from engine.output import RequestDelta
-from engine.request import RequestState
-from engine.sampling import SamplingParams
-from models import ModelConfig
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.core import EngineCore, EngineDeadError
+from meshserve.engine.engine import Engine
+from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed
+from meshserve.engine.output import RequestDelta
+from meshserve.engine.request import RequestState
+from meshserve.engine.sampling import SamplingParams
+from meshserve.models import ModelConfig
 
 
 def new_request_id() -> str:

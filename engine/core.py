@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from engine.engine import Engine
-from engine.handoff import Handoff, KVFetch, Landed, StageFailed, TransferError
-from engine.request import RequestState
-from engine.sampling import SamplingParams
+from meshserve.engine.engine import Engine
+from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed, TransferError
+from meshserve.engine.request import RequestState
+from meshserve.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from engine.async_engine import AsyncEngine, RequestIdInUseError, new_request_id
-from engine.config import EngineConfig
-from engine.core import EngineDeadError
-from engine.engine import Engine
-from engine.handoff import Handoff, Landed
-from engine.output import RequestDelta, RequestTiming
-from engine.sampling import SamplingParams
-from models import ModelConfig
+from meshserve.engine.async_engine import AsyncEngine, RequestIdInUseError, new_request_id
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.core import EngineDeadError
+from meshserve.engine.engine import Engine
+from meshserve.engine.handoff import Handoff, Landed
+from meshserve.engine.output import RequestDelta, RequestTiming
+from meshserve.engine.sampling import SamplingParams
+from meshserve.models import ModelConfig
 
 _END = object()
 

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 
 import jax
 
-from engine.config import EngineConfig
-from engine.kv_manager import PageAllocator, ReplicaAllocator
-from engine.output import RequestDelta, TextStream, TokenLogprob
-from engine.request import Request, RequestState
-from engine.runner import Runner
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from models import Model
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator
+from meshserve.engine.output import RequestDelta, TextStream, TokenLogprob
+from meshserve.engine.request import Request, RequestState
+from meshserve.engine.runner import Runner
+from meshserve.engine.sampling import SamplingParams
+from meshserve.engine.scheduler import Scheduler
+from meshserve.models import Model
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import jax
 
-from engine.output import RequestTiming
-from engine.request import RequestState
+from meshserve.engine.output import RequestTiming
+from meshserve.engine.request import RequestState
 
 # (sharding, shape) -> the packed KV [2, L, n, Z, K, D] in that sharding; may not be ready yet.
 KVFetch = Callable[[jax.sharding.Sharding, tuple[int, ...]], jax.Array]

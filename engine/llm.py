@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.output import RequestOutput
-from engine.sampling import SamplingParams
-from models import DEFAULT_MODEL, Model, load_model
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.engine import Engine
+from meshserve.engine.output import RequestOutput
+from meshserve.engine.sampling import SamplingParams
+from meshserve.models import DEFAULT_MODEL, Model, load_model
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from models import IncrementalDetokenizer, Tokenizer
+from meshserve.models import IncrementalDetokenizer, Tokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
 

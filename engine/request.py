@@ -5,9 +5,15 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from engine.output import FinishReason, RequestDelta, RequestTiming, TextStream, TokenLogprob
-from engine.sampling import SamplingParams
-from models import Tokenizer
+from meshserve.engine.output import (
+  FinishReason,
+  RequestDelta,
+  RequestTiming,
+  TextStream,
+  TokenLogprob,
+)
+from meshserve.engine.sampling import SamplingParams
+from meshserve.models import Tokenizer
 
 
 @dataclasses.dataclass(eq=False)

@@ -31,12 +31,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from engine.config import EngineConfig, bucket
-from engine.kv_manager import PageAllocator
-from engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
-from engine.scheduler import Chunk, Schedule
-from models import KVCache, Model, precision
-from sharding import batch_sharding, kv_cache_sharding, put
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.kv_manager import PageAllocator
+from meshserve.engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
+from meshserve.engine.scheduler import Chunk, Schedule
+from meshserve.models import KVCache, Model, precision
+from meshserve.sharding import batch_sharding, kv_cache_sharding, put
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import itertools
 import logging
 import time
 
-from engine.config import EngineConfig, bucket
-from engine.kv_manager import PageAllocator
-from engine.request import Request
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.kv_manager import PageAllocator
+from meshserve.engine.request import Request
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Model definitions, checkpoint readers and tokenizers. Knows nothing of requests or pages."""
 
-from models.attention import AttentionBackend, KVCache
-from models.config import ModelConfig
-from models.loader import DEFAULT_MODEL, MODELS, Model, load_model
-from models.tokenizer import IncrementalDetokenizer, Tokenizer
-from models.transformer import Transformer
+from meshserve.models.attention import AttentionBackend, KVCache
+from meshserve.models.config import ModelConfig
+from meshserve.models.loader import DEFAULT_MODEL, MODELS, Model, load_model
+from meshserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from meshserve.models.transformer import Transformer
 
 __all__ = [
   "AttentionBackend",

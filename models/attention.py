@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from models import cpu_kernels, precision
-from models.config import ModelConfig
-from pallas_kernels import flash_attention, ragged_paged_attention
+from meshserve.models import cpu_kernels, precision
+from meshserve.models.config import ModelConfig
+from meshserve.pallas_kernels import flash_attention, ragged_paged_attention
 
 
 @struct.dataclass

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
-from models import precision
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
+from meshserve.models import precision
+from meshserve.models.config import ModelConfig
+from meshserve.models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-  from models.loader import Model
+  from meshserve.models.loader import Model
 
 # orbax is imported where used: importing it logs through absl, which installs a root logging
 # handler and so turns every later `logging.basicConfig` (e.g. the CLI's) into a no-op.

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
+from meshserve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import tokenizers
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
+from meshserve.models.config import ModelConfig
+from meshserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

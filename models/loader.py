@@ -22,13 +22,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from models import checkpoint, cpu_kernels, hf_loader, precision
-from models.attention import AttentionBackend
-from models.config import ModelConfig
-from models.gguf_loader import GGUFFile, load_weights
-from models.tokenizer import Tokenizer
-from models.transformer import Transformer
-from sharding import Layout, param_shardings, put, shard_state
+from meshserve.models import checkpoint, cpu_kernels, hf_loader, precision
+from meshserve.models.attention import AttentionBackend
+from meshserve.models.config import ModelConfig
+from meshserve.models.gguf_loader import GGUFFile, load_weights
+from meshserve.models.tokenizer import Tokenizer
+from meshserve.models.transformer import Transformer
+from meshserve.sharding import Layout, param_shardings, put, shard_state
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import precision
-from models.attention import AttentionBackend, KVCache, cache_slots
-from models.config import ModelConfig
+from meshserve.models import precision
+from meshserve.models.attention import AttentionBackend, KVCache, cache_slots
+from meshserve.models.config import ModelConfig
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 

@@ -7,9 +7,9 @@ Mosaic (TPU) is the lowering target; `interpret=True` (or `pltpu.InterpretParams
 same kernels on CPU. Never imports engine or models.
 """
 
-from pallas_kernels.decode import ragged_paged_attention
-from pallas_kernels.prefill import BlockSizes, flash_attention
-from pallas_kernels.reference import (
+from meshserve.pallas_kernels.decode import ragged_paged_attention
+from meshserve.pallas_kernels.prefill import BlockSizes, flash_attention
+from meshserve.pallas_kernels.reference import (
   flash_attention_reference,
   ragged_paged_attention_reference,
 )

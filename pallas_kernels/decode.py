@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import online_softmax
-from pallas_kernels.online_softmax import LANES
+from meshserve.pallas_kernels import online_softmax
+from meshserve.pallas_kernels.online_softmax import LANES
 
 
 def _kernel(

@@ -25,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_engine import median_time  # noqa: E402  (this folder is on sys.path)
 
-from models import cpu_kernels  # noqa: E402
-from models.attention import KVCache, xla_paged_decode_attention  # noqa: E402
+from meshserve.models import cpu_kernels  # noqa: E402
+from meshserve.models.attention import KVCache, xla_paged_decode_attention  # noqa: E402
 
 L, H, K, D, Z = 30, 9, 3, 64, 16
 

@@ -44,8 +44,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from models import load_model  # noqa: E402
+from meshserve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from meshserve.models import load_model  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

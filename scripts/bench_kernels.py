@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from pallas_kernels import (  # noqa: E402
+from meshserve.pallas_kernels import (  # noqa: E402
   flash_attention,
   flash_attention_reference,
   ragged_paged_attention,

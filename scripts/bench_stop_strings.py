@@ -27,10 +27,10 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from engine import AsyncEngine, Engine, EngineConfig, SamplingParams  # noqa: E402
-from engine.output import TextStream  # noqa: E402
-from engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # noqa: E402
-from models import load_model  # noqa: E402
+from meshserve.engine import AsyncEngine, Engine, EngineConfig, SamplingParams  # noqa: E402
+from meshserve.engine.output import TextStream  # noqa: E402
+from meshserve.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # noqa: E402
+from meshserve.models import load_model  # noqa: E402
 
 
 def cpu_model() -> str:

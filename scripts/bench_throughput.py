@@ -32,8 +32,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from models import load_model  # noqa: E402
+from meshserve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from meshserve.models import load_model  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog ran to big red house with small green tree under blue sky"
 

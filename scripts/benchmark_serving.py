@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 TOKEN_RANGE = (100, 40000)  # prompt token ids: clear of special tokens, inside common vocabs
 WARMUP_SEED_OFFSET = 1_000_000
@@ -384,8 +384,8 @@ def run_offline(model, info, levels: list[tuple[list[tuple[list[int], int]], flo
   `LLM.generate` does; the same at any concurrency >= max_batch), on the server's engine
   configuration and dtype, every step shape compiled first as the server does.
   model: a name or path for load_model, or a loaded Model."""
-  from engine import LLM, EngineConfig, SamplingParams
-  from models import load_model
+  from meshserve.engine import LLM, EngineConfig, SamplingParams
+  from meshserve.models import load_model
 
   stats = info.stages[0].stats
   config = EngineConfig(
@@ -441,8 +441,8 @@ class Topology:
     self.mode, self.address = mode, f"127.0.0.1:{ports[-1]}"
     self.procs = []
     for i, (flags, port) in enumerate(zip(processes, ports, strict=True)):
-      argv = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
-              str(port), *serve_args, *(f.format(**fill) for f in flags)]  # fmt: skip
+      argv = [sys.executable, "-m", "meshserve.server.cli", "serve", "--host", "127.0.0.1",
+              "--port", str(port), *serve_args, *(f.format(**fill) for f in flags)]  # fmt: skip
       log = open(pathlib.Path(log_dir) / f"{mode}-{i}.log", "w")  # noqa: SIM115 - kept with the process
       self.procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
     self.addresses = [f"127.0.0.1:{p}" for p in ports]
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
   compiled = [info.stages[0].stats.compilations for info in (before, after)]
   print(f"server compilations: {compiled[0]} before, {compiled[1]} after")
   if args.offline:
-    from engine.runner import enable_compilation_cache
+    from meshserve.engine.runner import enable_compilation_cache
 
     enable_compilation_cache()  # the server's compiled steps, where it shares this machine
     levels = [(requests, s.get("concurrency")) for (*_, s, requests) in runs]

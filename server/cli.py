@@ -23,14 +23,14 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _model(args: argparse.Namespace) -> str:
-  from models import DEFAULT_MODEL
+  from meshserve.models import DEFAULT_MODEL
 
   return args.model or DEFAULT_MODEL
 
 
 def _generate(args: argparse.Namespace) -> int:
-  from engine import LLM, SamplingParams
-  from models import load_model
+  from meshserve.engine import LLM, SamplingParams
+  from meshserve.models import load_model
 
   params = SamplingParams(
     max_tokens=args.max_tokens,
@@ -65,8 +65,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
   import asyncio
 
-  from engine import EngineConfig
-  from server.serve import ServeOptions, serve
+  from meshserve.engine import EngineConfig
+  from meshserve.server.serve import ServeOptions, serve
 
   _check_topology(args)
   if args.max_queue < 0:
@@ -155,7 +155,7 @@ def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
 def _layouts(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
-  from sharding import explorer
+  from meshserve.sharding import explorer
 
   layouts = explorer.parse_layouts(args.layouts)
   model = args.model or "llama3-8b"
@@ -181,8 +181,8 @@ def _layouts(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from models import load_model
-  from models.checkpoint import save_checkpoint
+  from meshserve.models import load_model
+  from meshserve.models.checkpoint import save_checkpoint
 
   start = time.perf_counter()
   dst = save_checkpoint(load_model(args.src, layout=args.layout, dtype=args.dtype), args.dst)
@@ -224,7 +224,7 @@ def _setup_devices(args: argparse.Namespace) -> None:
   when the first backend starts."""
   if args.cpu_devices is not None:
     _fake_cpu_devices(args.cpu_devices)
-  from sharding import distributed
+  from meshserve.sharding import distributed
 
   distributed.initialize(
     args.coordinator_address, args.num_processes, args.process_id, auto=args.auto_distributed
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_device_flags(srv)
   srv.set_defaults(func=_serve)
 
-  from server import client
+  from meshserve.server import client
 
   client.add_parser(sub)
 

@@ -8,8 +8,8 @@ import sys
 
 import grpc
 
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
 
 
 def channel(address: str, tls_ca: pathlib.Path | None = None) -> grpc.Channel:

@@ -37,13 +37,13 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine import RequestDelta, RequestIdInUseError, RequestTiming
-from engine.async_engine import new_request_id
-from server.metrics import Metrics
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
-from server.proto.meshserve.v1 import stages_pb2 as spb
-from server.servicer import (
+from meshserve.engine import RequestDelta, RequestIdInUseError, RequestTiming
+from meshserve.engine.async_engine import new_request_id
+from meshserve.server.metrics import Metrics
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import stages_pb2 as spb
+from meshserve.server.servicer import (
   CALLER,
   MAX_CACHE_SALT_BYTES,
   InvalidArgument,
@@ -364,7 +364,7 @@ async def serve_router(
   """Runs the router until `stop`; returns the exit status. Clients call it with one of
   `tokens` (token -> caller name); it calls its workers with `internal`, or else with one of
   `tokens`."""
-  from server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
+  from meshserve.server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
 
   credentials = None
   if opts.tls_ca is not None:

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import AsyncEngine, Engine, EngineConfig
-from engine.disaggregated import DisaggregatedEngine
-from engine.runner import enable_compilation_cache
-from server.metrics import Metrics
-from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
-from server.servicer import CALLER, InferenceServicer, ServingInfo
-from sharding import Layout, split_devices
+from meshserve.engine import AsyncEngine, Engine, EngineConfig
+from meshserve.engine.disaggregated import DisaggregatedEngine
+from meshserve.engine.runner import enable_compilation_cache
+from meshserve.server.metrics import Metrics
+from meshserve.server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.server.servicer import CALLER, InferenceServicer, ServingInfo
+from meshserve.sharding import Layout, split_devices
 
 log = logging.getLogger("meshserve.server")
 
@@ -218,7 +218,7 @@ async def serve(opts: ServeOptions) -> int:
   if opts.compilation_cache != "":
     log.info("persistent compilation cache: %s", enable_compilation_cache(opts.compilation_cache))
   if opts.role == "router":
-    from server.router import serve_router
+    from meshserve.server.router import serve_router
 
     return await serve_router(opts, stop, tokens, internal)
   models = await asyncio.to_thread(_load, opts)
@@ -255,7 +255,7 @@ async def serve(opts: ServeOptions) -> int:
   public = InferenceServicer(engine, info, metrics, slow_reader_timeout=opts.slow_reader_timeout)
   services = [(SERVICE, inference_pb2_grpc.add_InferenceServicer_to_server, public)]
   if opts.role in ("prefill", "decode"):
-    from server.stages import stage_service
+    from meshserve.server.stages import stage_service
 
     services.append(
       stage_service(engine, public, opts.internal_host, handoff_timeout=opts.handoff_timeout)
@@ -329,7 +329,7 @@ async def _set_health(checks: health.aio.HealthServicer, status) -> None:
 
 def _load(opts: ServeOptions) -> list:
   """The model, or in disaggregated mode one per stage, each on its own devices."""
-  from models import load_model
+  from meshserve.models import load_model
 
   if opts.role == "all" and opts.mode == "disaggregated":
     layouts = [Layout.parse(opts.prefill_layout), Layout.parse(opts.decode_layout)]

@@ -22,7 +22,7 @@ import time
 
 import grpc
 
-from engine import (
+from meshserve.engine import (
   EngineDeadError,
   QueueFullError,
   RequestDelta,
@@ -30,16 +30,16 @@ from engine import (
   RequestTiming,
   SamplingParams,
 )
-from engine.handoff import TransferError
-from engine.sampling import (
+from meshserve.engine.handoff import TransferError
+from meshserve.engine.sampling import (
   MAX_LOGPROBS,
   MAX_STOP_STRING_CHARS,
   MAX_STOP_STRINGS,
   MAX_STOP_TOKEN_IDS,
 )
-from server.metrics import Metrics
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
+from meshserve.server.metrics import Metrics
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
 
 log = logging.getLogger("meshserve.requests")
 

@@ -21,13 +21,13 @@ import re
 import grpc
 import numpy as np
 
-from engine import AsyncEngine, EngineDeadError
-from engine.handoff import Handoff, Landed
-from engine.request import RequestState
-from engine.transfer import HEADS, Offer, TransferServer, kv_head_shards
-from server.proto.meshserve.v1 import stages_pb2 as spb
-from server.proto.meshserve.v1 import stages_pb2_grpc
-from server.servicer import (
+from meshserve.engine import AsyncEngine, EngineDeadError
+from meshserve.engine.handoff import Handoff, Landed
+from meshserve.engine.request import RequestState
+from meshserve.engine.transfer import HEADS, Offer, TransferServer, kv_head_shards
+from meshserve.server.proto.meshserve.v1 import stages_pb2 as spb
+from meshserve.server.proto.meshserve.v1 import stages_pb2_grpc
+from meshserve.server.servicer import (
   InferenceServicer,
   InvalidArgument,
   deadline_of,

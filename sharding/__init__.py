@@ -5,9 +5,9 @@ Models name logical axes only: every parameter carries `logical_axes` metadata
 maps them to mesh axes.
 """
 
-from sharding.layout import AXES, Layout, split_devices
-from sharding.rules import MEGATRON, Rules, spec_for
-from sharding.shard import (
+from meshserve.sharding.layout import AXES, Layout, split_devices
+from meshserve.sharding.rules import MEGATRON, Rules, spec_for
+from meshserve.sharding.shard import (
   KV_CACHE_AXES,
   batch_sharding,
   kv_cache_sharding,

@@ -36,9 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding.layout import AXES, Layout
-from sharding.rules import MEGATRON, Rules
-from sharding.shard import KV_CACHE_AXES, batch_sharding, kv_cache_sharding, param_shardings
+from meshserve.sharding.layout import AXES, Layout
+from meshserve.sharding.rules import MEGATRON, Rules
+from meshserve.sharding.shard import (
+  KV_CACHE_AXES,
+  batch_sharding,
+  kv_cache_sharding,
+  param_shardings,
+)
 
 # Per chip: HBM bytes and peak HBM bandwidth (bytes/s), from the public Cloud TPU specs.
 CHIPS = {
@@ -53,7 +58,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 
 def presets() -> dict:
   """Shape-only model configs of public checkpoints (config.json numbers); no weights."""
-  from models import ModelConfig
+  from meshserve.models import ModelConfig
 
   def llama(name, vocab, embed, mlp, layers, heads, kv, theta, eps, bos, eos, context, **more):
     return ModelConfig(
@@ -250,16 +255,16 @@ def explore(
 
 
 def _config(model):
-  from models import ModelConfig
+  from meshserve.models import ModelConfig
 
   if isinstance(model, ModelConfig):
     return model
   table = presets()
   if model in table:
     return table[model]
-  from models import hf_loader
-  from models.gguf_loader import GGUFFile
-  from models.loader import resolve
+  from meshserve.models import hf_loader
+  from meshserve.models.gguf_loader import GGUFFile
+  from meshserve.models.loader import resolve
 
   if hf_loader.is_hf_dir(model):  # its config.json only
     return hf_loader.read_config(pathlib.Path(model), pathlib.Path(model).name)
@@ -320,7 +325,7 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
 def _abstract_model(config, layout, mesh, chip):
   from flax import nnx
 
-  from models import AttentionBackend, Transformer
+  from meshserve.models import AttentionBackend, Transformer
 
   attention = AttentionBackend("pallas" if chip != "cpu" else "xla")
   module = nnx.eval_shape(lambda: Transformer(config, attention))
@@ -340,7 +345,7 @@ def _abstract_model(config, layout, mesh, chip):
 
 
 def _abstract_cache(config, layout, mesh, shape):
-  from models import KVCache
+  from meshserve.models import KVCache
 
   pages = shape.num_pages(layout.data)
   dims = (config.num_layers, pages, shape.page_size, config.num_kv_heads, config.head_dim)
@@ -355,8 +360,8 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 
 def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) -> StepReport:
-  from engine.runner import StepShardings, model_step
-  from engine.sampling import SamplingBatch, SamplingParams
+  from meshserve.engine.runner import StepShardings, model_step
+  from meshserve.engine.sampling import SamplingBatch, SamplingParams
 
   B, T, P = step_shape
   rows = batch_sharding(B, layout, mesh)
@@ -534,8 +539,8 @@ def plot(reports: list[LayoutReport], path: str) -> None:
 def verify(model: str, layouts: Sequence[str], prompts: Sequence[str], max_tokens: int = 16):
   """Runs each layout on this machine's devices with real weights and compares its greedy
   tokens with tp=1's: {layout: None if equal, else the first prompt index that differs}."""
-  from engine import LLM, EngineConfig, SamplingParams
-  from models import load_model
+  from meshserve.engine import LLM, EngineConfig, SamplingParams
+  from meshserve.models import load_model
 
   config = EngineConfig(num_pages=256, max_model_len=512, max_batch=8)
   params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from sharding.rules import MEGATRON, Rules
+from meshserve.sharding.rules import MEGATRON, Rules
 
 AXES = ("data", "model")  # mesh axis names, major to minor
 

@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from sharding.layout import Layout
-from sharding.rules import spec_for
+from meshserve.sharding.layout import Layout
+from meshserve.sharding.rules import spec_for
 
 KV_CACHE_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")  # [L, N, Z, K, D]
 

@@ -44,7 +44,7 @@ def golden() -> Golden:
 
 @pytest.fixture(scope="session")
 def model():
-  from models import load_model
+  from meshserve.models import load_model
 
   return load_model("smollm2-135m-instruct")
 
@@ -57,7 +57,7 @@ def gemma_golden() -> Golden:
 @pytest.fixture(scope="session")
 def gemma():
   """Gemma 3 270M: sliding-window and global layers, QK-norm, GeGLU, a 262k vocabulary."""
-  from models import load_model
+  from meshserve.models import load_model
 
   return load_model("gemma3-270m")
 
@@ -69,7 +69,7 @@ def variant(model, attention=None, **config):
 
   from flax import nnx
 
-  from models import AttentionBackend, Model
+  from meshserve.models import AttentionBackend, Model
 
   module = nnx.merge(model.graphdef, model.state)
   if attention is not None:
@@ -82,8 +82,8 @@ def variant(model, attention=None, **config):
 def stage_models():
   """The default model twice, as a disaggregated server runs it on 8 devices: prefill tp=2 on
   devices 0-1, decode tp=4 on devices 2-5."""
-  from models import load_model
-  from sharding import Layout, split_devices
+  from meshserve.models import load_model
+  from meshserve.sharding import Layout, split_devices
 
   layouts = Layout.parse("tp=2"), Layout.parse("tp=4")
   devices = split_devices(*layouts)
@@ -99,7 +99,7 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llm(model):
-  from engine import LLM, EngineConfig
+  from meshserve.engine import LLM, EngineConfig
 
   return LLM(model, EngineConfig(num_pages=256, max_model_len=512, max_batch=8))
 

@@ -12,8 +12,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models import load_model  # noqa: E402
-from sharding import distributed  # noqa: E402
+from meshserve.models import load_model  # noqa: E402
+from meshserve.sharding import distributed  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "smollm2_135m_instruct.npz"
 

@@ -14,8 +14,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
 
 # The engine shape every server test uses: small, so a cold warm-up compiles 18 step shapes.
 ENGINE_FLAGS = (
@@ -76,7 +76,7 @@ class Server:
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
     argv = [
-      sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+      sys.executable, "-m", "meshserve.server.cli", "serve", "--host", "127.0.0.1",
       "--port", str(self.port), "--metrics-port", str(self.metrics_port),
       "--compilation-cache", str(cache), *ENGINE_FLAGS, *flags,
     ]  # fmt: skip

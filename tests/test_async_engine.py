@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from engine import (
+from meshserve.engine import (
   AsyncEngine,
   Engine,
   EngineConfig,
@@ -18,8 +18,8 @@ from engine import (
   RequestIdInUseError,
   SamplingParams,
 )
-from engine.handoff import Handoff, TransferError
-from engine.request import RequestState
+from meshserve.engine.handoff import Handoff, TransferError
+from meshserve.engine.request import RequestState
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4)
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -212,7 +212,7 @@ def test_server_assigned_ids_are_random_and_never_collide_with_client_ids(make):
 
 
 def test_stop_limits_are_refused_naming_the_field():
-  from engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+  from meshserve.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
   SamplingParams(stop=["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # the most allowed
   with pytest.raises(ValueError, match="^stop: 17 stop strings"):
@@ -322,10 +322,10 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_pages_freed(model, tmp_p
   back, and the call ends DEADLINE_EXCEEDED naming the cause."""
   import grpc
 
-  from server.metrics import Metrics
-  from server.proto.meshserve.v1 import inference_pb2 as pb
-  from server.proto.meshserve.v1 import inference_pb2_grpc
-  from server.servicer import InferenceServicer, ServingInfo
+  from meshserve.server.metrics import Metrics
+  from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+  from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
+  from meshserve.server.servicer import InferenceServicer, ServingInfo
 
   engine = AsyncEngine(Engine(model, CONFIG))
   info = ServingInfo("smollm2", "single device", 1, "cpu", "xla", "float32")
@@ -364,7 +364,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_pages_freed(model, tmp_p
 def test_an_unexpected_error_is_internal_and_names_the_request(caplog):
   import grpc
 
-  from server.servicer import status_of
+  from meshserve.server.servicer import status_of
 
   code, message = status_of(KeyError("boom"), "req-7")
   assert code == grpc.StatusCode.INTERNAL

@@ -4,8 +4,8 @@ the all-XLA path (the CPU default decodes through the compiled kernel: every oth
 import numpy as np
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
-from models import AttentionBackend, cpu_kernels, load_model
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.models import AttentionBackend, cpu_kernels, load_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import threading
 import grpc
 import pytest
 
-from server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 _PATH = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark_serving.py"
 _spec = importlib.util.spec_from_file_location("benchmark_serving", _PATH)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
-from models import load_model, precision
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.models import load_model, precision
 
 PREFIX = 16  # greedy tokens compared with float32's
 
@@ -71,7 +71,7 @@ def test_greedy_prefixes_equal_on_seven_of_eight_golden_prompts(bf16, golden, ge
 
 
 def test_checkpoint_of_a_bits_model_holds_bfloat16(bf16, tmp_path):
-  from models.checkpoint import save_checkpoint
+  from meshserve.models.checkpoint import save_checkpoint
 
   path = save_checkpoint(bf16, tmp_path / "ckpt")
   again = load_model(str(path), dtype=jnp.bfloat16)

@@ -11,7 +11,7 @@ import pytest
 def _meshserve(*args: str, **kw) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.Popen(
-    [sys.executable, "-m", "server.cli", *args],
+    [sys.executable, "-m", "meshserve.server.cli", *args],
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw,
   )  # fmt: skip
 
@@ -105,7 +105,8 @@ def test_no_tpu_start_up_noise_where_there_is_no_tpu():
   the CLI neither prints libtpu's probe warnings nor forces anything a TPU VM would notice."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   proc = subprocess.run(
-    [sys.executable, "-m", "server.cli", "generate", "--prompt", "Hi", "--max-tokens", "2"],
+    [sys.executable, "-m", "meshserve.server.cli", "generate", "--prompt", "Hi",
+     "--max-tokens", "2"],
     capture_output=True, text=True, env=env, timeout=300,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
@@ -116,7 +117,7 @@ def test_no_tpu_start_up_noise_where_there_is_no_tpu():
 def test_the_cli_never_overrides_a_platform(monkeypatch):
   """A platform the user set stays; on a TPU VM nothing is set; only where no TPU exists is
   TPU left out of what jax probes."""
-  from server import cli
+  from meshserve.server import cli
 
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
   cli._skip_absent_tpu()
@@ -134,7 +135,7 @@ def test_the_cli_never_overrides_a_platform(monkeypatch):
 def test_serve_opens_only_the_public_port_beyond_loopback_by_default():
   """/metrics has no auth and the KV transfer server none of its own: both stay on loopback
   unless the operator says otherwise; the public gRPC port is the one that faces clients."""
-  from server.cli import build_parser
+  from meshserve.server.cli import build_parser
 
   args = build_parser().parse_args(["serve"])
   assert (args.metrics_host, args.internal_host) == ("127.0.0.1", "127.0.0.1")

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import cpu_kernels
-from models.attention import AttentionBackend, KVCache, xla_paged_decode_attention
+from meshserve.models import cpu_kernels
+from meshserve.models.attention import AttentionBackend, KVCache, xla_paged_decode_attention
 
 # Without a compiler the kernel cannot exist and the model keeps XLA (tested below). With one,
 # the kernel must build: a build failure fails these tests instead of skipping them.
@@ -81,7 +81,7 @@ def test_without_a_compiler_the_model_keeps_xla(monkeypatch, tmp_path):
 def test_native_decode_reads_a_bfloat16_pool_kept_as_bits():
   """The pool a bfloat16 model gets on CPU (models.precision): the kernel widens each key and
   value, so it matches the XLA walk over the same values in float32."""
-  from models import precision
+  from meshserve.models import precision
 
   rng = np.random.default_rng(7)
   lengths = [96, 1, 0, 17, 33, 64]

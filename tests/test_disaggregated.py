@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from engine import Engine, EngineConfig, RequestIdInUseError, SamplingParams
-from engine.disaggregated import DisaggregatedEngine
-from engine.handoff import Handoff
-from engine.request import RequestState
+from meshserve.engine import Engine, EngineConfig, RequestIdInUseError, SamplingParams
+from meshserve.engine.disaggregated import DisaggregatedEngine
+from meshserve.engine.handoff import Handoff
+from meshserve.engine.request import RequestState
 from tests.conftest import assert_greedy_equal
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4, max_num_batched_tokens=32)

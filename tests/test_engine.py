@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import assert_greedy_equal
 
-from engine import LLM, AsyncEngine, Engine, EngineConfig, SamplingParams
+from meshserve.engine import LLM, AsyncEngine, Engine, EngineConfig, SamplingParams
 
 TEXT = (
   "The old lighthouse keeper climbed the spiral stairs every evening to light the great lamp. "

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from conftest import assert_greedy_equal, variant
 
-import models.attention
-from engine import LLM, EngineConfig, SamplingParams
-from models import AttentionBackend
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.models import AttentionBackend, attention
 
 
 def test_golden_case_count(gemma_golden):
@@ -64,13 +63,13 @@ def kernel_windows(monkeypatch):
   """The sliding_window argument of every Pallas kernel call traced, by kernel."""
   seen = {"flash_attention": set(), "ragged_paged_attention": set()}
   for name in seen:
-    kernel = getattr(models.attention, name)
+    kernel = getattr(attention, name)
 
     def spy(*args, kernel=kernel, name=name, **kwargs):
       seen[name].add(kwargs.get("sliding_window"))
       return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(models.attention, name, spy)
+    monkeypatch.setattr(attention, name, spy)
   return seen
 
 
@@ -113,7 +112,7 @@ def test_a_window_shorter_than_the_context_is_honoured_by_every_path(gemma, atte
 
 def test_cli_generate_continues_the_prompt(gemma_golden):
   """The command of the issue, as a user runs it: the reference's greedy words come out."""
-  command = [sys.executable, "-m", "server.cli", "generate", "--model", "gemma3-270m"]
+  command = [sys.executable, "-m", "meshserve.server.cli", "generate", "--model", "gemma3-270m"]
   command += ["--prompt", "The capital of France is", "--max-tokens", "8"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import first_near_tie
 
-from engine import SamplingParams
-from engine.config import EngineConfig, bucket
-from engine.runner import Runner
-from engine.sampling import SamplingBatch
+from meshserve.engine import SamplingParams
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.runner import Runner
+from meshserve.engine.sampling import SamplingBatch
 
 
 def _assert_matches_golden(model, case, out_ids):
@@ -99,7 +99,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm, golden):
 def test_sampler_follows_the_distribution():
   """Draws from a known 3-token distribution over many seeds match its probabilities, and
   top-k / top-p cut exactly the tokens they should."""
-  from engine.sampling import sample
+  from meshserve.engine.sampling import sample
 
   logits = np.log(np.array([[0.5, 0.3, 0.2, 1e-9]], np.float32))
   n = 2000
@@ -186,7 +186,7 @@ def test_numpy_token_ids_are_one_prompt(llm, golden):
 def test_greedy_rows_take_the_first_maximum_and_its_logprob():
   """The greedy path (two reductions, logsumexp) agrees with argmax and log_softmax, ties and
   all; rows beside it that sample do not change it."""
-  from engine.sampling import sample
+  from meshserve.engine.sampling import sample
 
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 1000)).astype(np.float32)
@@ -204,7 +204,7 @@ def test_greedy_rows_take_the_first_maximum_and_its_logprob():
 
 
 def test_min_p_keeps_tokens_near_the_top():
-  from engine.sampling import sample
+  from meshserve.engine.sampling import sample
 
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
   n = 1000
@@ -215,7 +215,7 @@ def test_min_p_keeps_tokens_near_the_top():
 
 def test_penalties_match_a_numpy_reference():
   """Repetition penalty on prompt and output tokens, presence and frequency on output only."""
-  from engine.sampling import _apply_penalties
+  from meshserve.engine.sampling import _apply_penalties
 
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 12)).astype(np.float32)
@@ -240,7 +240,7 @@ def test_penalties_match_a_numpy_reference():
 def test_top_p_one_keeps_the_whole_tail_beside_filtered_rows():
   """A top_p = 1 row batched with a top-p row keeps every token: its float32 cumulative mass
   reaches 1.0 before the tail ends, which once cut the tail off."""
-  from engine.sampling import _top_k_top_p
+  from meshserve.engine.sampling import _top_k_top_p
 
   rng = np.random.default_rng(0)
   scaled = rng.normal(size=(2, 49152)).astype(np.float32)

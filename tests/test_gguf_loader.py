@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from models.gguf_loader import GGUFFile, unpermute_rope_rows
-from models.loader import MODELS
+from meshserve.models.gguf_loader import GGUFFile, unpermute_rope_rows
+from meshserve.models.loader import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_every_end_of_turn_id_is_an_eos(tmp_path):
 
 
 def test_unused_tensors_and_rope_scaling_are_refused_by_name(tmp_path):
-  from models.gguf_loader import load_weights
+  from meshserve.models.gguf_loader import load_weights
 
   f = _tiny_gguf(tmp_path / "ok.gguf")
   weights = load_weights(f, f.config("tiny"))
@@ -125,7 +125,7 @@ def test_unused_tensors_and_rope_scaling_are_refused_by_name(tmp_path):
 
 
 def test_text_prompts_get_bos_where_the_tokenizer_asks(model, monkeypatch):
-  from engine import LLM, EngineConfig, SamplingParams
+  from meshserve.engine import LLM, EngineConfig, SamplingParams
 
   llm = LLM(model, EngineConfig(num_pages=16, max_model_len=64, max_batch=1))
   plain = llm.generate("Hello", SamplingParams(max_tokens=1))[0].prompt_token_ids

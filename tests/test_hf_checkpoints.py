@@ -11,8 +11,8 @@ import pytest
 from hf_reference import numpy_forward, write_hf_dir
 from safetensors.numpy import load_file, save_file
 
-from engine import LLM, EngineConfig, SamplingParams
-from models import load_model
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.models import load_model
 
 IDS = [1, 42, 43, 9, 79, 57, 51, 11, 60, 44, 45, 46, 47, 48, 49, 50, 52, 53]  # 18 > window 5
 
@@ -162,7 +162,7 @@ def test_convert_takes_an_hf_directory(tmp_path):
   command = [
     sys.executable,
     "-m",
-    "server.cli",
+    "meshserve.server.cli",
     "convert",
     str(tmp_path / "g"),
     str(tmp_path / "c"),

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, SamplingParams
-from engine.handoff import Handoff
-from engine.request import RequestState
-from engine.runner import Runner
-from engine.transfer import TransferServer, kv_head_shards
-from models import KVCache
-from sharding import Layout, put, split_devices
+from meshserve.engine import Engine, EngineConfig, SamplingParams
+from meshserve.engine.handoff import Handoff
+from meshserve.engine.request import RequestState
+from meshserve.engine.runner import Runner
+from meshserve.engine.transfer import TransferServer, kv_head_shards
+from meshserve.models import KVCache
+from meshserve.sharding import Layout, put, split_devices
 
 CONFIG = EngineConfig(page_size=8, num_pages=64, max_model_len=128, max_batch=4)
 PAIRS = [("tp=2", "tp=4"), ("tp=1", "tp=2"), ("tp=4", "tp=1")]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sharding import AXES, Layout
-from sharding import explorer as ex
+from meshserve.sharding import AXES, Layout
+from meshserve.sharding import explorer as ex
 
 TARGET = "tpu:v5e:2x4"
 # Llama-shaped and small, so a step compiles for TPU in seconds: 4 kv heads split by tp=4.
@@ -133,7 +133,7 @@ def test_layouts_that_cannot_work_get_a_row_saying_why():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [sys.executable, "-m", "server.cli", "-q", "layouts", *args],
+    [sys.executable, "-m", "meshserve.server.cli", "-q", "layouts", *args],
     capture_output=True, text=True, timeout=1200,
   )  # fmt: skip
 

@@ -84,7 +84,7 @@ def test_generate_cli_over_two_processes(golden, tmp_path):
     lambda addr, i: [
       sys.executable,
       "-m",
-      "server.cli",
+      "meshserve.server.cli",
       "generate",
       "--prompt",
       case["source"],

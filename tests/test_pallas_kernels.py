@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import (
+from meshserve.pallas_kernels import (
   BlockSizes,
   flash_attention,
   flash_attention_reference,
@@ -273,7 +273,7 @@ def test_model_decode_reads_the_pool_in_place_on_tpu(tpu_device):
 
 
 def test_flash_cost_estimate_counts_visible_pairs():
-  from pallas_kernels.prefill import _cost
+  from meshserve.pallas_kernels.prefill import _cost
 
   # T = S = 4, causal: 1 + 2 + 3 + 4 visible pairs; window 2: 1 + 2 + 2 + 2.
   assert _cost(1, 1, 4, 4, 1, 16, 16, 4, True, None).flops == 4 * 10

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from server.router import NoWorker, Router
+from meshserve.server.router import NoWorker, Router
 
 
 def test_picks_the_least_loaded_healthy_worker_of_the_role():

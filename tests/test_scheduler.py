@@ -10,12 +10,12 @@ import random
 
 import pytest
 
-from engine.config import EngineConfig, bucket
-from engine.kv_manager import PageAllocator, ReplicaAllocator, page_hashes
-from engine.output import TextStream
-from engine.request import Request
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator, page_hashes
+from meshserve.engine.output import TextStream
+from meshserve.engine.request import Request
+from meshserve.engine.sampling import SamplingParams
+from meshserve.engine.scheduler import Scheduler
 
 
 class _NoTokenizer:
@@ -246,7 +246,7 @@ def test_a_long_prompt_starts_with_a_pool_per_replica():
   ],
 )
 def test_what_a_pool_per_replica_needs_is_named(changes, message):
-  from engine.engine import _check_replicas
+  from meshserve.engine.engine import _check_replicas
 
   base = dict(page_size=16, num_pages=256, max_model_len=256, max_batch=8)
   with pytest.raises(ValueError, match=message):

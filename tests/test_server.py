@@ -25,9 +25,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from serving import Server, collect, model_info, read_all
 
-from engine import LLM, EngineConfig, SamplingParams
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
 
 ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
 
@@ -349,7 +349,7 @@ def test_metrics_are_plausible_after_traffic(server, stub):
 
 def test_client_command_streams_from_the_server(server):
   proc = subprocess.run(
-    [sys.executable, "-m", "server.cli", "client", "--address", server.address, "--chat",
+    [sys.executable, "-m", "meshserve.server.cli", "client", "--address", server.address, "--chat",
      "--max-tokens", "16", "What is the capital of France?"],
     capture_output=True, text=True, timeout=120,
   )  # fmt: skip

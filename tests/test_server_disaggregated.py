@@ -24,11 +24,11 @@ import pytest
 from conftest import assert_greedy_equal
 from serving import Server, collect, model_info, read_all, self_signed_cert
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.config import bucket
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
-from server.proto.meshserve.v1 import stages_pb2 as spb
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.engine.config import bucket
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import stages_pb2 as spb
 
 ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from serving import Server, self_signed_cert
 
-from server.proto.meshserve.v1 import inference_pb2 as pb
-from server.proto.meshserve.v1 import stages_pb2 as spb
-from server.proto.meshserve.v1 import stages_pb2_grpc
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
+from meshserve.server.proto.meshserve.v1 import stages_pb2 as spb
+from meshserve.server.proto.meshserve.v1 import stages_pb2_grpc
 
 TOKEN = "s3cret-token"  # alice's
 BOB = "bobs-token"

@@ -1,7 +1,7 @@
 """The committed gRPC stubs describe what the .proto files say: the same messages, fields and
 services, compared as descriptors (not as the generator's text, whose banner names its own
 version). The generator's version is fixed by scripts/lock.txt; after editing a .proto, run
-`.venv/bin/python -m server.proto.generate`."""
+`.venv/bin/python -m meshserve.server.proto.generate`."""
 
 import importlib
 import pathlib
@@ -9,25 +9,22 @@ import pathlib
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
-from grpc_tools import protoc
 
-from server.proto import generate
+from meshserve.server.proto import generate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROTOS = [p.relative_to(ROOT) for p in generate.PROTOS]
+PROTOS = generate.NAMES  # each .proto by the name protoc and the stubs give it
 
 
 def compiled_from_source(tmp_path) -> dict[str, descriptor_pb2.FileDescriptorProto]:
   """Each .proto as protoc parses it now."""
   out = tmp_path / "protos.pb"
-  include = protoc._get_resource_file_name("grpc_tools", "_proto")
-  args = ["protoc", f"-I{ROOT}", f"-I{include}", f"--descriptor_set_out={out}", *map(str, PROTOS)]
-  assert protoc.main(args) == 0, f"protoc failed on {PROTOS}"
+  generate.protoc(f"--descriptor_set_out={out}")
   files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
   return {f.name: f for f in files}
 
 
-def stub_module(proto: pathlib.Path, suffix: str):
+def stub_module(proto: pathlib.PurePosixPath, suffix: str):
   return importlib.import_module(".".join(proto.with_suffix("").parts) + suffix)
 
 
@@ -42,7 +39,9 @@ def test_committed_stubs_describe_the_proto(proto, tmp_path):
     for message in f.message_type:
       for field in message.field:
         field.ClearField("json_name")
-  assert committed == want, f"{proto}: the stubs are stale: run python -m server.proto.generate"
+  assert committed == want, (
+    f"{proto}: the stubs are stale: run python -m meshserve.server.proto.generate"
+  )
 
   grpc_stubs = stub_module(proto, "_pb2_grpc")  # imports only under a grpcio it supports
   channel = grpc.insecure_channel("127.0.0.1:1")  # never dialled: stubs connect lazily
@@ -55,7 +54,7 @@ def test_committed_stubs_describe_the_proto(proto, tmp_path):
       assert callable(getattr(servicer, method.name)), f"{service.name}Servicer.{method.name}"
   channel.close()
 
-  typed = (ROOT / proto).with_name(proto.stem + "_pb2.pyi").read_text()
+  typed = ROOT.joinpath(*proto.parts[1:]).with_name(proto.stem + "_pb2.pyi").read_text()
   for message in want.message_type:
     assert f"class {message.name}(_message.Message)" in typed, f"{message.name} in the .pyi"
 
@@ -70,7 +69,7 @@ def test_the_generator_is_the_locked_one():
 
 
 def test_the_service_is_described_by_its_proto():
-  from server.proto.meshserve.v1 import inference_pb2
+  from meshserve.server.proto.meshserve.v1 import inference_pb2
 
   service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
   assert service.full_name == "meshserve.v1.Inference"

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.kv_manager import ReplicaAllocator
-from models import KVCache, Model, load_model
-from models import checkpoint as ckpt
-from sharding import (
+from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.engine.kv_manager import ReplicaAllocator
+from meshserve.models import KVCache, Model, load_model
+from meshserve.models import checkpoint as ckpt
+from meshserve.sharding import (
   MEGATRON,
   Layout,
   Rules,

@@ -9,7 +9,7 @@ def _meshserve(*args: str) -> subprocess.CompletedProcess:
   # No XLA_FLAGS from conftest: --cpu-devices alone must provide the devices.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
   return subprocess.run(
-    [sys.executable, "-m", "server.cli", *args],
+    [sys.executable, "-m", "meshserve.server.cli", *args],
     capture_output=True, text=True, env=env, timeout=300,
   )  # fmt: skip
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine.output import TextStream
-from models import IncrementalDetokenizer
+from meshserve.engine.output import TextStream
+from meshserve.models import IncrementalDetokenizer
 
 
 def test_encode_matches_reference(model, golden):

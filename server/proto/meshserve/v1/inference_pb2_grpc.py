@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.proto.meshserve.v1 import inference_pb2 as server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2
+from meshserve.server.proto.meshserve.v1 import inference_pb2 as meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in server/proto/meshserve/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/server/proto/meshserve/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class InferenceStub:
         """
         self.Generate = channel.unary_stream(
                 '/meshserve.v1.Inference/Generate',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/meshserve.v1.Inference/Tokenize',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/meshserve.v1.Inference/GetModelInfo',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -120,8 +120,8 @@ class Inference:
             request,
             target,
             '/meshserve.v1.Inference/Generate',
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -147,8 +147,8 @@ class Inference:
             request,
             target,
             '/meshserve.v1.Inference/Tokenize',
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,8 +174,8 @@ class Inference:
             request,
             target,
             '/meshserve.v1.Inference/GetModelInfo',
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_inference__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

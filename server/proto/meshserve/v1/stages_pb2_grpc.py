@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.proto.meshserve.v1 import stages_pb2 as server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2
+from meshserve.server.proto.meshserve.v1 import stages_pb2 as meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2
 
 GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in server/proto/meshserve/v1/stages_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/server/proto/meshserve/v1/stages_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class StageWorkerStub:
         """
         self.Prefill = channel.stream_stream(
                 '/meshserve.v1.StageWorker/Prefill',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/meshserve.v1.StageWorker/Decode',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/meshserve.v1.StageWorker/Describe',
-                request_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                request_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
                 _registered_method=True)
 
 
@@ -84,18 +84,18 @@ def add_StageWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.stream_stream_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.FromString,
-                    response_serializer=server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
+                    request_deserializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.FromString,
+                    response_serializer=meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -123,8 +123,8 @@ class StageWorker:
             request_iterator,
             target,
             '/meshserve.v1.StageWorker/Prefill',
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillMessage.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.PrefillEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -150,8 +150,8 @@ class StageWorker:
             request,
             target,
             '/meshserve.v1.StageWorker/Decode',
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DecodeEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -177,8 +177,8 @@ class StageWorker:
             request,
             target,
             '/meshserve.v1.StageWorker/Describe',
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.SerializeToString,
-            server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.DescribeRequest.SerializeToString,
+            meshserve_dot_server_dot_proto_dot_meshserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,75 @@
+"""The wheel installs one top-level package, `meshserve`: the five code folders become
+`meshserve.engine`, `.models`, `.sharding`, `.pallas_kernels` and `.server`, so nothing of ours can
+shadow, or be shadowed by, a user's `models.py` or another wheel's `server/`."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FOLDERS = ("engine", "models", "sharding", "pallas_kernels", "server")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("wheel")
+  subprocess.run(
+    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out,
+     ROOT],
+    check=True, timeout=300,
+  )  # fmt: skip
+  (path,) = out.glob("meshserve-*.whl")
+  return path
+
+
+def test_the_wheel_has_one_top_level_package_and_its_data(wheel):
+  archive = zipfile.ZipFile(wheel)
+  names = archive.namelist()
+  dist_info = wheel.name.split("-py")[0] + ".dist-info"
+  assert {n.split("/")[0] for n in names} == {"meshserve", dist_info}
+  assert {n.split("/")[1] for n in names if n.startswith("meshserve/")} == set(FOLDERS)
+  for data in ("meshserve/models/paged_decode_cpu.cc",
+               "meshserve/server/proto/meshserve/v1/inference.proto",
+               "meshserve/server/proto/meshserve/v1/inference_pb2.pyi"):  # fmt: skip
+    assert data in names
+  entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
+  assert "meshserve = meshserve.server.cli:main" in entry_points
+
+
+def test_the_installed_wheel_imports_away_from_the_source_tree(wheel, tmp_path):
+  site = tmp_path / "site"
+  subprocess.run(
+    [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel],
+    check=True, timeout=300,
+  )  # fmt: skip
+  code = (
+    "import meshserve.engine, meshserve.server.servicer, meshserve.server.proto.meshserve.v1."
+    "stages_pb2_grpc as s; print(meshserve.engine.__file__); print(s.__file__)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path,
+    env={"PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"},
+    check=True, capture_output=True, text=True, timeout=300,
+  ).stdout.split()  # fmt: skip
+  assert all(pathlib.Path(p).is_relative_to(site) for p in out), out
+
+
+def test_every_import_of_our_packages_goes_through_meshserve():
+  """A bare `import engine` works from the repository root and nowhere else."""
+  bare = []
+  for folder in (*FOLDERS, "tests", "scripts"):
+    for path in (ROOT / folder).rglob("*.py"):
+      for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+          modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+          modules = [node.module or ""]
+        else:
+          continue
+        bare += [f"{path.relative_to(ROOT)}:{node.lineno} {m}" for m in modules
+                 if m.split(".")[0] in FOLDERS]  # fmt: skip
+  assert not bare
