@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chips to share
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from meshserve.sharding import explorer  # noqa: E402
+from meshserve.server import explorer  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 MODEL, TARGET, LAYOUTS = "llama3-8b", "tpu:v5e:2x4", ["tp=8", "dp=2,tp=4", "dp=4,tp=2"]

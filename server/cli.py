@@ -155,7 +155,7 @@ def _addresses(text: str | None, flag: str) -> tuple[str, ...]:
 def _layouts(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
-  from meshserve.sharding import explorer
+  from meshserve.server import explorer
 
   layouts = explorer.parse_layouts(args.layouts)
   model = args.model or "llama3-8b"

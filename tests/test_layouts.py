@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from meshserve.server import explorer as ex
 from meshserve.sharding import AXES, Layout
-from meshserve.sharding import explorer as ex
 
 TARGET = "tpu:v5e:2x4"
 # Llama-shaped and small, so a step compiles for TPU in seconds: 4 kv heads split by tp=4.
@@ -67,7 +67,7 @@ def test_weight_bytes_per_device_match_an_analytic_count(layout):
   lay = Layout.parse(layout)
   devices, chip, *_ = ex.target_devices(TARGET)
   mesh = Mesh(np.asarray(devices[: lay.num_devices]).reshape(lay.data, lay.model), AXES)
-  _, _, weight_bytes = ex._abstract_model(cfg, lay, mesh, chip)
+  _, _, weight_bytes = ex.compile._abstract_model(cfg, lay, mesh, chip)
   assert weight_bytes == pytest.approx(analytic_weight_bytes(cfg, lay.model), rel=0.10)
 
 
