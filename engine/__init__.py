@@ -1,29 +1,39 @@
 """The host side of serving: requests, scheduling, KV pages, the runner and sampling.
 
 Never imports grpc. Entry points: `LLM` (offline batches), `Engine` (one step at a time) and
-`AsyncEngine` (the streaming API the server uses, over an `EngineCore` thread).
+`AsyncEngine` (the streaming front end, over an `EngineCore` thread). A server uses only
+`meshserve.engine.api`, the seam between the two.
+
+The names below load on first use, so that importing `meshserve.engine.api` (a router, which
+holds no model) loads no JAX.
 """
 
-from meshserve.engine.async_engine import AsyncEngine, QueueFullError, RequestIdInUseError
-from meshserve.engine.config import EngineConfig
-from meshserve.engine.core import EngineCore, EngineDeadError
-from meshserve.engine.engine import Engine
-from meshserve.engine.llm import LLM
-from meshserve.engine.output import RequestDelta, RequestOutput, RequestTiming, TokenLogprob
-from meshserve.engine.sampling import SamplingParams
+import importlib
 
-__all__ = [
-  "LLM",
-  "AsyncEngine",
-  "Engine",
-  "EngineConfig",
-  "EngineCore",
-  "EngineDeadError",
-  "QueueFullError",
-  "RequestDelta",
-  "RequestIdInUseError",
-  "RequestOutput",
-  "RequestTiming",
-  "SamplingParams",
-  "TokenLogprob",
-]
+_EXPORTS = {
+  "LLM": "llm",
+  "AsyncEngine": "async_engine",
+  "Engine": "engine",
+  "EngineConfig": "config",
+  "EngineCore": "core",
+  "EngineDeadError": "api",
+  "QueueFullError": "api",
+  "RequestDelta": "api",
+  "RequestIdInUseError": "api",
+  "RequestOutput": "output",
+  "RequestTiming": "api",
+  "SamplingParams": "params",
+  "TokenLogprob": "api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+  return sorted(__all__)

@@ -27,9 +27,18 @@ import functools
 import itertools
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
+import numpy as np
+
+from meshserve.engine.api import (  # noqa: F401 - re-exported
+  EngineInfo,
+  QueueFullError,
+  RequestIdInUseError,
+  Role,
+  StageStats,
+  new_request_id,
+)
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.core import EngineCore, EngineDeadError
 from meshserve.engine.engine import Engine
@@ -37,20 +46,7 @@ from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed
 from meshserve.engine.output import RequestDelta
 from meshserve.engine.request import RequestState
 from meshserve.engine.sampling import SamplingParams
-from meshserve.models import ModelConfig
-
-
-def new_request_id() -> str:
-  """A server-assigned request id: random, so no client can guess (and take) it ahead."""
-  return uuid.uuid4().hex
-
-
-class QueueFullError(RuntimeError):
-  """The engine's queue is full; retry later."""
-
-
-class RequestIdInUseError(RuntimeError):
-  """A request with this client id is still streaming."""
+from meshserve.models import Model, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,7 +91,7 @@ class AsyncEngine:
     return self.core.error
 
   @property
-  def role(self) -> str:
+  def role(self) -> Role:
     return self.engine.role
 
   @property
@@ -106,9 +102,23 @@ class AsyncEngine:
   def model_config(self) -> ModelConfig:
     return self.engine.model.config
 
-  def stages(self) -> list[tuple[str, dict]]:
-    """(role, stats) of each stage: here the one engine's."""
-    return [(self.engine.role, self.stats())]
+  @property
+  def info(self) -> EngineInfo:
+    return engine_info([self.engine.model], self.engine.config, self.max_queue)
+
+  def stages(self) -> list[StageStats]:
+    """Each stage's stats: here the one engine's."""
+    return [StageStats.of(self.role, self.role, self.stats())]
+
+  async def abort(self, request_id: str) -> bool:
+    """Ends the request streaming under the client id `request_id`: its stream's last delta
+    has finish_reason "abort" and its pages are freed. False when no such request streams."""
+    with self._lock:
+      internal = next((i for i, s in self._streams.items() if s.client_id == request_id), None)
+    if internal is None or self.core.error is not None:
+      return False
+    self.core.abort(internal)
+    return True
 
   def encode(self, text: str) -> list[int]:
     """A text prompt's ids: BOS first where the tokenizer's metadata asks for it."""
@@ -285,3 +295,23 @@ class AsyncEngine:
           self.release(item)
         elif not isinstance(item, BaseException) and not item.final:
           self.core.abort(item.request_id)
+
+
+def engine_info(models: Sequence[Model], config: EngineConfig, max_queue: int | None) -> EngineInfo:
+  """What a server reports of an engine over `models` (one, or one per stage)."""
+  layouts = [str(m.layout) if m.layout is not None else "single device" for m in models]
+  if len(models) > 1:
+    layouts = [f"{role} {name}" for role, name in zip(("prefill", "decode"), layouts, strict=True)]
+  first = models[0]
+  return EngineInfo(
+    model=first.config.name,
+    vocab_size=first.config.vocab_size,
+    eos_token_ids=tuple(sorted(first.config.eos_token_ids)),
+    config=config,
+    max_queue=max_queue,
+    layout=", ".join(layouts),
+    num_devices=sum(1 if m.mesh is None else m.mesh.size for m in models),
+    platform=first.platform,
+    attention=first.attention.kind,
+    dtype=np.dtype(first.config.dtype).name,
+  )

@@ -26,16 +26,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from meshserve.engine.api import EngineDeadError
 from meshserve.engine.engine import Engine
 from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed, TransferError
 from meshserve.engine.request import RequestState
 from meshserve.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-  """The engine core has stopped (a failed step, or shutdown); no request can be served."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

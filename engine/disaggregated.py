@@ -17,17 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from meshserve.engine.async_engine import AsyncEngine, RequestIdInUseError, new_request_id
+import numpy as np
+
+from meshserve.engine.api import (
+  EngineDeadError,
+  EngineInfo,
+  KVTicket,
+  Landed,
+  RequestDelta,
+  RequestIdInUseError,
+  RequestTiming,
+  Role,
+  SamplingParams,
+  StageStats,
+  new_request_id,
+)
+from meshserve.engine.async_engine import AsyncEngine, engine_info
 from meshserve.engine.config import EngineConfig
-from meshserve.engine.core import EngineDeadError
 from meshserve.engine.engine import Engine
-from meshserve.engine.handoff import Handoff, Landed
-from meshserve.engine.output import RequestDelta, RequestTiming
-from meshserve.engine.sampling import SamplingParams
+from meshserve.engine.handoff import Handoff
+from meshserve.engine.request import RequestState
+from meshserve.engine.transfer import HEADS, Offer, TransferServer, kv_head_shards
 from meshserve.models import ModelConfig
 
 _END = object()
@@ -65,11 +80,23 @@ class DisaggregatedEngine:
   def error(self) -> EngineDeadError | None:
     return self.prefill.error or self.decode.error
 
-  role = "disaggregated"
+  role = Role.DISAGGREGATED
 
   @property
   def config(self) -> EngineConfig:
     return self.prefill.config
+
+  @property
+  def info(self) -> EngineInfo:
+    models = [stage.engine.model for stage in (self.prefill, self.decode)]
+    return engine_info(models, self.config, self.max_queue)
+
+  async def abort(self, request_id: str) -> bool:
+    """Ends the request streaming under `request_id`, in whichever stage it is."""
+    if request_id not in self._client_ids:
+      return False
+    aborted = [await stage.abort(request_id) for stage in (self.prefill, self.decode)]
+    return any(aborted)
 
   @property
   def model_config(self) -> ModelConfig:
@@ -161,8 +188,8 @@ class DisaggregatedEngine:
   def stats(self) -> dict[str, int]:
     """The two stages' counters added up (per stage: `stages`)."""
     out: dict = {}
-    for _, stats in self.stages():
-      for key, value in stats.items():
+    for stage in (self.prefill, self.decode):
+      for key, value in stage.stats().items():
         out[key] = out.get(key, 0) + value
     return out
 
@@ -172,8 +199,8 @@ class DisaggregatedEngine:
       raise EngineDeadError(str(self.decode.error))
     self.prefill.check_queue()
 
-  def stages(self) -> list[tuple[str, dict]]:
-    return [("prefill", self.prefill.stats()), ("decode", self.decode.stats())]
+  def stages(self) -> list[StageStats]:
+    return [*self.prefill.stages(), *self.decode.stages()]
 
   def shutdown(self, timeout: float | None = None) -> None:
     self.prefill.shutdown(timeout)
@@ -198,3 +225,139 @@ class DisaggregatedEngine:
     for stage in (self.prefill, self.decode):
       if stage.error is None:
         threading.Thread(target=stage.shutdown, daemon=True).start()
+
+
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")  # host:port
+
+
+class StageWorkerEngine(AsyncEngine):
+  """One stage of a disaggregated pair in a process of its own (`StageWorker`): the KV crosses
+  processes through this process's `TransferServer`, named by a `KVTicket`.
+
+  - `prefill` (prefill role) runs a request to its first token, offers its KV for one pull and
+    yields the ticket. The pages stay pinned until `release_kv`, or until the stream is closed;
+    an offer nobody pulled is then withdrawn.
+  - `decode` (decode role) checks a ticket as strictly as the public API checks a request (it
+    may come from anyone who reached the port), reserves pages, pulls the KV straight into its
+    own layout, then streams `Landed` and the rest of the request.
+  """
+
+  def __init__(self, engine: Engine, *, transfer_host: str = "127.0.0.1", **kw):
+    super().__init__(engine, **kw)
+    self.transfers = TransferServer(transfer_host)
+    self.transfer_address = self.transfers.address
+    runner = engine.runner
+    self.kv_shards = kv_head_shards(runner.kv_sharding, runner.kv_shape(1))
+    self._held: dict[int, list] = {}  # transfer id -> [handoff, offer or None once pulled]
+
+  async def prefill(
+    self,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    request_id: str | None,
+    *,
+    kv_shards: int,
+    deadline: float | None = None,
+    cache_salt: str = "",
+  ) -> AsyncIterator[RequestDelta | KVTicket]:
+    if kv_shards < 1:
+      raise ValueError(f"kv_shards: must be positive, got {kv_shards}")
+    handoff = ticket = None
+    stream = self.generate(prompt_ids, params, request_id, deadline=deadline, cache_salt=cache_salt)
+    try:
+      async with contextlib.aclosing(stream):
+        async for event in stream:
+          if isinstance(event, Handoff):
+            handoff = event  # from here on, its pages are ours to release
+          else:
+            yield event
+      if handoff is None:  # the first token finished the request
+        return
+      offer = self.transfers.offer(handoff.kv, kv_shards)  # dispatches only: no wait
+      ticket = self._ticket(handoff, offer)
+      self._held[offer.transfer_id] = [handoff, offer]
+      yield ticket
+    finally:
+      held = self._held.pop(ticket.transfer_id, None) if ticket is not None else None
+      if handoff is not None:
+        self.release(handoff)
+      if held is not None and held[1] is not None:  # never pulled: let the pieces go
+        self.transfers.withdraw(held[1])
+
+  def release_kv(self, ticket: KVTicket) -> None:
+    """The decode side has pulled the ticket's KV: the prefill pages go back now."""
+    held = self._held.get(ticket.transfer_id)
+    if held is not None:
+      held[1] = None  # pulled: nothing to withdraw
+      self.release(held[0])
+
+  async def decode(
+    self, ticket: KVTicket, request_id: str | None, *, deadline: float | None = None
+  ) -> AsyncIterator[RequestDelta | Landed]:
+    if not self.ready.is_set():
+      raise EngineDeadError("the worker is warming up")
+    state, offer = self._check(ticket)
+    # Connect here, not on the engine core's thread, which must never wait for a network.
+    await asyncio.to_thread(self.transfers.connect, ticket.transfer_address)
+    fetch = self.transfers.fetch(ticket.transfer_address, offer)
+    stream = self.resume(state, fetch, request_id, deadline=deadline)
+    async with contextlib.aclosing(stream):
+      async for event in stream:
+        yield event
+
+  def _check(self, ticket: KVTicket) -> tuple[RequestState, Offer]:
+    """The request state and KV offer of a ticket, every field checked; ValueError names the
+    field as the hand-off message (stages.proto) does."""
+    state = RequestState(
+      prompt_ids=list(ticket.prompt_token_ids),
+      output_ids=list(ticket.output_token_ids),
+      params=ticket.params,
+      seed=ticket.seed,
+      num_cached_tokens=ticket.num_cached_tokens,
+      cache_salt=ticket.cache_salt,
+    )
+    try:
+      self.engine.validate_state(state)  # e.g. a smaller context than the prefill worker's
+    except ValueError as e:
+      raise ValueError(f"handoff.{e}") from None
+    runner = self.engine.runner
+    pool_dtype = np.dtype(runner.cache.k.dtype).name
+    if ticket.dtype != pool_dtype:
+      raise ValueError(f"handoff.dtype: {ticket.dtype!r}, this worker's KV pool holds {pool_dtype}")
+    if ticket.num_pieces != self.kv_shards:
+      raise ValueError(
+        f"handoff.num_pieces: {ticket.num_pieces}, this worker's layout has {self.kv_shards} "
+        "kv-head shards (StageInfo.kv_shards)"
+      )
+    pages = -(-len(state.prompt_ids) // self.engine.config.page_size)
+    shape = runner.kv_shape(len(runner.page_list([0] * pages)))
+    want = (*shape[:HEADS], shape[HEADS] // self.kv_shards, *shape[HEADS + 1 :])
+    if tuple(ticket.piece_shape) != want:
+      raise ValueError(
+        f"handoff.piece_shape: {list(ticket.piece_shape)}, expected {list(want)} for "
+        f"{len(state.prompt_ids)} prompt tokens"
+      )
+    match = _ADDRESS.fullmatch(ticket.transfer_address)
+    if match is None or not 0 < int(match[1]) < 65536:
+      raise ValueError(
+        f"handoff.transfer_address: {ticket.transfer_address[:100]!r} is not host:port"
+      )
+    return state, Offer(ticket.transfer_id, want, np.dtype(pool_dtype), ticket.num_pieces)
+
+  def _ticket(self, handoff: Handoff, offer: Offer) -> KVTicket:
+    state, t = handoff.state, handoff.timing
+    return KVTicket(
+      transfer_address=self.transfers.address,
+      transfer_id=offer.transfer_id,
+      piece_shape=tuple(offer.piece_shape),
+      dtype=offer.dtype.name,
+      num_pieces=offer.num_pieces,
+      prompt_token_ids=tuple(state.prompt_ids),
+      output_token_ids=tuple(state.output_ids),
+      params=state.params,
+      seed=state.seed,
+      num_cached_tokens=state.num_cached_tokens,
+      cache_salt=state.cache_salt,
+      queued_s=t.queued_s or 0.0,
+      first_token_s=t.first_token_s or 0.0,
+    )

@@ -22,8 +22,7 @@ import random
 import time
 from collections.abc import Sequence
 
-import jax
-
+from meshserve.engine.api import Role
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator
 from meshserve.engine.output import RequestDelta, TextStream, TokenLogprob
@@ -46,15 +45,15 @@ class StepStats:
   seconds: float
 
 
-ROLES = ("colocated", "prefill", "decode")
+ROLES = (Role.COLOCATED, Role.PREFILL, Role.DECODE)  # an Engine runs one stage, or both
 
 
 class Engine:
-  def __init__(self, model: Model, config: EngineConfig, *, role: str = "colocated"):
+  def __init__(self, model: Model, config: EngineConfig, *, role: Role | str = Role.COLOCATED):
     if role not in ROLES:
       raise ValueError(f"role: {role!r} is not one of {', '.join(ROLES)}")
-    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
-    config = config.for_platform(devices[0].platform)
+    role = Role(role)
+    config = config.for_platform(model.platform)
     self.model, self.config, self.role = model, config, role
     self.tokenizer = model.tokenizer
     # Data parallel replicas each keep their own slice of the pool (colocated engines; a

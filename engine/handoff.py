@@ -18,15 +18,11 @@ from collections.abc import Callable
 
 import jax
 
-from meshserve.engine.output import RequestTiming
+from meshserve.engine.api import Landed, RequestTiming, TransferError  # noqa: F401 - re-exported
 from meshserve.engine.request import RequestState
 
 # (sharding, shape) -> the packed KV [2, L, n, Z, K, D] in that sharding; may not be ready yet.
 KVFetch = Callable[[jax.sharding.Sharding, tuple[int, ...]], jax.Array]
-
-
-class TransferError(RuntimeError):
-  """A request's KV could not be moved between the stages."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +41,6 @@ class Handoff:
     if shape != self.kv.shape:
       raise TransferError(f"kv: decode expects {shape}, prefill packed {self.kv.shape}")
     return jax.device_put(self.kv, sharding)
-
-
-@dataclasses.dataclass(frozen=True)
-class Landed:
-  """A decode stream's first event: the KV is in the decode pool and the request runs."""
-
-  request_id: str
-  seconds: float  # from the import's arrival, waiting for pages included
-  bytes: int
-  final = False
 
 
 @dataclasses.dataclass(frozen=True)

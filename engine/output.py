@@ -3,54 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
+from meshserve.engine.api import (  # noqa: F401 - re-exported
+  FinishReason,
+  RequestDelta,
+  RequestTiming,
+  TokenLogprob,
+)
 from meshserve.models import IncrementalDetokenizer, Tokenizer
-
-FinishReason = Literal["stop", "length", "abort"]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TokenLogprob:
-  """A sampled token's log-probability and, when asked, the likeliest alternatives'."""
-
-  token_id: int
-  logprob: float
-  top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestTiming:
-  """Seconds from the request's arrival (None: not reached yet)."""
-
-  queued_s: float | None = None  # until first scheduled
-  first_token_s: float | None = None
-  finished_s: float | None = None
-  transfer_s: float | None = None  # disaggregated: the KV's move between the stages
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestDelta:
-  """What one step added to a request. Its size does not grow with the request, so a stream
-  of deltas costs O(n) however slowly it is consumed."""
-
-  request_id: str
-  new_token_ids: list[int]
-  new_text: str
-  new_logprobs: list[TokenLogprob] | None  # one per new token id, when the request asked
-  finish_reason: FinishReason | None
-  num_prompt_tokens: int
-  num_output_tokens: int  # so far
-  num_cached_tokens: int  # prompt tokens served from the prefix cache
-  timing: RequestTiming
-
-  @property
-  def finished(self) -> bool:
-    return self.finish_reason is not None
-
-  @property
-  def final(self) -> bool:  # the last event of its stream
-    return self.finish_reason is not None
 
 
 @dataclasses.dataclass

@@ -132,8 +132,7 @@ class Runner:
     self.model, self.config, self.replicas = model, config, replicas
     cfg = model.config
     self.shardings = None
-    devices = jax.devices() if model.mesh is None else model.mesh.devices.flat
-    storage = precision.storage_dtype(cfg.dtype, devices[0].platform)
+    storage = precision.storage_dtype(cfg.dtype, model.platform)
     if model.mesh is None:
       self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size, storage)
     else:

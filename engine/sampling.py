@@ -19,77 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_LOGPROBS = 20  # the most alternatives a request may ask logprobs for
-# Bounds on a request's stop conditions, so one request's cost per token stays small for the
-# engine thread that serves every request (GetModelInfo reports them).
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SamplingParams:
-  """How to pick tokens for one request. temperature 0 means greedy."""
-
-  max_tokens: int = 64
-  temperature: float = 0.0
-  top_k: int = 0  # 0 = no limit
-  top_p: float = 1.0
-  min_p: float = 0.0  # drop tokens less likely than min_p * the likeliest one's probability
-  repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (HF style)
-  presence_penalty: float = 0.0  # subtracted once from each token already in the output
-  frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-  seed: int | None = None  # None: the engine draws one from EngineConfig.seed, in arrival order
-  stop: tuple[str, ...] = ()
-  stop_token_ids: tuple[int, ...] = ()
-  ignore_eos: bool = False
-  logprobs: int | None = None  # None: none; n: the chosen token's and the top-n alternatives'
-
-  def __post_init__(self):
-    for name in ("stop", "stop_token_ids"):
-      value = getattr(self, name)
-      object.__setattr__(self, name, (value,) if isinstance(value, str | int) else tuple(value))
-    if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-      raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-    if not self.temperature >= 0.0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if not 0.0 <= self.min_p <= 1.0:
-      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-    if not self.repetition_penalty > 0.0:
-      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-    for name in ("presence_penalty", "frequency_penalty"):
-      if not -2.0 <= getattr(self, name) <= 2.0:
-        raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-    if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
-      raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-    if len(self.stop) > MAX_STOP_STRINGS:
-      raise ValueError(f"stop: {len(self.stop)} stop strings, at most {MAX_STOP_STRINGS}")
-    if any(not isinstance(s, str) or not s for s in self.stop):
-      raise ValueError("stop: stop strings must be non-empty")
-    if (longest := max(map(len, self.stop), default=0)) > MAX_STOP_STRING_CHARS:
-      raise ValueError(
-        f"stop: a stop string of {longest} characters, at most {MAX_STOP_STRING_CHARS}"
-      )
-    if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-      raise ValueError(
-        f"stop_token_ids: {len(self.stop_token_ids)} ids, at most {MAX_STOP_TOKEN_IDS}"
-      )
-    if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-      raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
-    if self.logprobs is not None and not (
-      isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS
-    ):
-      raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-
-  @property
-  def penalized(self) -> bool:
-    return (
-      self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0
-    )
+from meshserve.engine.params import (  # noqa: F401 - re-exported
+  MAX_LOGPROBS,
+  MAX_STOP_STRING_CHARS,
+  MAX_STOP_STRINGS,
+  MAX_STOP_TOKEN_IDS,
+  SamplingParams,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,6 +98,9 @@ class Model:
     self.attention = module.attention  # the AttentionBackend the module traces
     self.graphdef, self.state = nnx.split(module)
     self.layout, self.mesh = layout, mesh
+    # Where the model lives ("cpu", "tpu", "gpu"), decided here once: the engine's defaults,
+    # the KV pool's storage dtype and what the server reports all read it.
+    self.platform: str = platform_of(mesh)
 
   def logits(self, token_ids) -> np.ndarray:
     """Full forward without a cache, the reference path: [T] ids -> [T, V] float32 logits."""
@@ -139,6 +142,12 @@ def _store_weights(module: Transformer, storage) -> None:
   state = nnx.state(module, nnx.Param)
   state = jax.tree.map(lambda x: _as_storage(x, storage) if x.dtype == dtype else x, state)
   nnx.update(module, state)
+
+
+def platform_of(mesh: Mesh | None) -> str:
+  """The platform of a mesh's devices, or of the default device (where an unsharded model's
+  arrays go)."""
+  return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
 
 def _is_variable(x) -> bool:
@@ -184,15 +193,16 @@ def load_model(
   if isinstance(layout, str):
     layout = Layout.parse(layout)
   sharded = layout is not None and layout.num_devices > 1  # a one-device mesh is not split
-  if attention is None:
-    attention = AttentionBackend.default_for(jax.default_backend(), sharded=sharded)
-  elif isinstance(attention, str):
-    attention = AttentionBackend(attention)
-  if attention.kind == "native" and (sharded or jax.default_backend() != "cpu"):
-    raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
   if devices is not None and layout is None:
     raise ValueError("devices: give a layout too (tp=1 for one device)")
   mesh = None if layout is None else layout.make_mesh(devices)
+  platform = platform_of(mesh)
+  if attention is None:
+    attention = AttentionBackend.default_for(platform, sharded=sharded)
+  elif isinstance(attention, str):
+    attention = AttentionBackend(attention)
+  if attention.kind == "native" and (sharded or platform != "cpu"):
+    raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
   start = time.perf_counter()
   if checkpoint.is_checkpoint(name_or_path):
     load = _load_checkpoint
@@ -201,8 +211,7 @@ def load_model(
   else:
     load = _load_gguf
   config, tokenizer, module = load(name_or_path, dtype, attention, layout, mesh)
-  devices = jax.devices() if mesh is None else mesh.devices.flat
-  _store_weights(module, precision.storage_dtype(config.dtype, devices[0].platform))
+  _store_weights(module, precision.storage_dtype(config.dtype, platform))
   where = "" if layout is None else f" ({layout} over {layout.num_devices} devices)"
   seconds = time.perf_counter() - start
   log.info("model %s ready in %.1fs%s, %s attention", config.name, seconds, where, attention.kind)

@@ -14,14 +14,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meshserve.engine import RequestDelta
+from meshserve.engine.api import RequestDelta, StageStats
 
 # Seconds; from 10 ms steps on CPU to minute-long queues under load.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 PER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
-Stages = Callable[[], list[tuple[str, dict]]]  # (role, stats) of each stage
+Stages = Callable[[], list[StageStats]]  # each stage's, read at scrape time
 
 
 class Metrics:
@@ -110,14 +110,12 @@ class _EngineCollector(Collector):
     self.stages, self.totals = stages, totals
 
   def collect(self):
-    stages = [
-      (role, s | {"used_pages": s["total_pages"] - s["free_pages"]}) for role, s in self.stages()
-    ]
+    stages = self.stages()
     for kind, table in ((GaugeMetricFamily, self.GAUGES), (CounterMetricFamily, self.COUNTERS)):
       for name, (doc, key) in table.items():
         family = kind(name, doc, labels=["stage"])
-        for role, stats in stages:
-          family.add_metric([role], stats.get(key, 0))
+        for stats in stages:
+          family.add_metric([stats.stage], getattr(stats, key))
         yield family
     hit_rate = self.totals["cached"] / max(self.totals["prompt"], 1)
     yield GaugeMetricFamily(

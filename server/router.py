@@ -37,8 +37,14 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshserve.engine import RequestDelta, RequestIdInUseError, RequestTiming
-from meshserve.engine.async_engine import new_request_id
+from meshserve.engine.api import (
+  RequestDelta,
+  RequestIdInUseError,
+  RequestTiming,
+  StageStats,
+  new_request_id,
+)
+from meshserve.server.grpc_server import MAX_MESSAGE_BYTES, SERVICE, build_server, set_health
 from meshserve.server.metrics import Metrics
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
@@ -53,6 +59,7 @@ from meshserve.server.servicer import (
   scoped,
   scoped_salt,
   send,
+  stats_of,
   timing_proto,
 )
 
@@ -169,10 +176,10 @@ class Router:
         await on_change(serving)
       await asyncio.sleep(max(CHECK_INTERVAL - (time.monotonic() - started), 0.0))
 
-  def stages(self) -> list[tuple[str, dict]]:
+  def stages(self) -> list[StageStats]:
     """Each worker's stats from its last check, for the metrics."""
     return [
-      (f"{w.role} {w.address}", _stats_dict(w.info.stats))
+      stats_of(f"{w.role} {w.address}", w.role, w.info.stats)
       for w in self.workers
       if w.info is not None
     ]
@@ -349,23 +356,12 @@ def _as_delta(request_id: str, last: pb.GenerateResponse | None) -> RequestDelta
   )  # fmt: skip
 
 
-def _stats_dict(s: pb.StageStats) -> dict:
-  return dict(
-    running=s.running, waiting=s.waiting, free_pages=s.free_kv_pages,
-    total_pages=s.total_kv_pages, steps=s.steps, compilations=s.compilations,
-    preemptions=s.preemptions, pinned=s.pinned, importing=s.importing,
-    kv_transfers=s.kv_transfers, kv_transfer_bytes=s.kv_transfer_bytes,
-  )  # fmt: skip
-
-
 async def serve_router(
   opts, stop: asyncio.Event, tokens: dict[str, str], internal: str | None = None
 ) -> int:
   """Runs the router until `stop`; returns the exit status. Clients call it with one of
   `tokens` (token -> caller name); it calls its workers with `internal`, or else with one of
   `tokens`."""
-  from meshserve.server.serve import MAX_MESSAGE_BYTES, SERVICE, _grpc_server, _set_health
-
   credentials = None
   if opts.tls_ca is not None:
     credentials = grpc.ssl_channel_credentials(opts.tls_ca.read_bytes())
@@ -378,8 +374,8 @@ async def serve_router(
   metrics = Metrics(router.stages)
   servicer = RouterServicer(router, metrics, slow_reader_timeout=opts.slow_reader_timeout)
   add = inference_pb2_grpc.add_InferenceServicer_to_server
-  server, port = _grpc_server(opts, [(SERVICE, add, servicer)], checks, tokens)
-  await _set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
+  server, port = build_server(opts, [(SERVICE, add, servicer)], checks, tokens)
+  await set_health(checks, health_pb2.HealthCheckResponse.NOT_SERVING)
   await server.start()
   log.info(
     "router on %s:%d over prefill %s and decode %s; NOT_SERVING until both answer",
@@ -390,7 +386,7 @@ async def serve_router(
 
   async def on_change(serving: bool) -> None:
     state = health_pb2.HealthCheckResponse
-    await _set_health(checks, state.SERVING if serving else state.NOT_SERVING)
+    await set_health(checks, state.SERVING if serving else state.NOT_SERVING)
     log.info("%s %s on port %d", "SERVING" if serving else "NOT_SERVING", SERVICE, port)
 
   watcher = asyncio.create_task(router.watch(on_change))

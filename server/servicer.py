@@ -1,4 +1,4 @@
-"""`meshserve.v1.Inference` over an `AsyncEngine`: protos in, engine calls, protos out.
+"""`meshserve.v1.Inference` over an `EngineClient`: protos in, engine calls, protos out.
 
 Every failure has one status code, and its message names the field at fault:
   INVALID_ARGUMENT    bad input (the message starts with the field, e.g. "sampling.top_p")
@@ -15,27 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import hashlib
 import logging
 import time
 
 import grpc
 
-from meshserve.engine import (
+from meshserve.engine.api import (
+  MAX_LOGPROBS,
+  MAX_STOP_STRING_CHARS,
+  MAX_STOP_STRINGS,
+  MAX_STOP_TOKEN_IDS,
+  EngineClient,
   EngineDeadError,
   QueueFullError,
   RequestDelta,
   RequestIdInUseError,
   RequestTiming,
+  Role,
   SamplingParams,
-)
-from meshserve.engine.handoff import TransferError
-from meshserve.engine.sampling import (
-  MAX_LOGPROBS,
-  MAX_STOP_STRING_CHARS,
-  MAX_STOP_STRINGS,
-  MAX_STOP_TOKEN_IDS,
+  StageStats,
+  TransferError,
 )
 from meshserve.server.metrics import Metrics
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
@@ -64,18 +64,6 @@ def scoped_salt(caller: str, salt: str) -> str:
 DEFAULT_MAX_TOKENS = 64
 CHAT_ROLES = ("system", "user", "assistant")
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingInfo:
-  """What GetModelInfo reports besides the engine's own configuration."""
-
-  model: str
-  layout: str
-  num_devices: int
-  platform: str
-  attention: str
-  dtype: str
 
 
 class InvalidArgument(ValueError):
@@ -134,20 +122,19 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-  """Over any engine front end with AsyncEngine's streaming API: an AsyncEngine (colocated)
-  or a DisaggregatedEngine (prefill and decode stages in this process)."""
+  """Over any EngineClient: colocated, both stages in this process, or a stage worker (which
+  answers Tokenize and GetModelInfo, and sends Generate to its router)."""
 
-  def __init__(
-    self, engine, info: ServingInfo, metrics: Metrics, *, slow_reader_timeout: float = 30.0
-  ):
-    self.engine, self.info, self.metrics = engine, info, metrics
-    self.config = engine.config
+  def __init__(self, engine: EngineClient, metrics: Metrics, *, slow_reader_timeout: float = 30.0):
+    self.engine, self.metrics = engine, metrics
+    self.info = engine.info
+    self.config = self.info.config
     self.slow_reader_timeout = slow_reader_timeout
 
   async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
     start, status, delta = time.perf_counter(), grpc.StatusCode.UNKNOWN, None
     try:
-      if self.engine.role in ("prefill", "decode"):
+      if self.engine.role in (Role.PREFILL, Role.DECODE):
         raise WrongStage(
           f"this is a {self.engine.role} worker: send Generate to the router in front of it"
         )
@@ -203,24 +190,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     return pb.TokenizeResponse(token_ids=ids, text=text)
 
   async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
-    cfg, model_cfg = self.config, self.engine.model_config
+    cfg, info = self.config, self.info
     return pb.ModelInfo(
-      model=self.info.model,
-      vocab_size=model_cfg.vocab_size,
+      model=info.model,
+      vocab_size=info.vocab_size,
       max_model_len=cfg.max_model_len,
       max_batch=cfg.max_batch,
-      max_queue=self.engine.max_queue if self.engine.max_queue is not None else -1,
+      max_queue=info.max_queue if info.max_queue is not None else -1,
       page_size=cfg.page_size,
       max_logprobs=MAX_LOGPROBS,
-      eos_token_ids=sorted(model_cfg.eos_token_ids),
+      eos_token_ids=info.eos_token_ids,
       layout=self.info.layout,
       num_devices=self.info.num_devices,
       platform=self.info.platform,
       attention=self.info.attention,
       dtype=self.info.dtype,
-      stages=[
-        pb.Stage(role=role, stats=stage_stats(stats)) for role, stats in self.engine.stages()
-      ],
+      stages=[pb.Stage(role=s.role, stats=stage_stats(s)) for s in self.engine.stages()],
       max_num_batched_tokens=cfg.max_num_batched_tokens,
       max_stop_strings=MAX_STOP_STRINGS,
       max_stop_string_chars=MAX_STOP_STRING_CHARS,
@@ -252,7 +237,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     return field, ids
 
   def _sampling(self, s: pb.SamplingParams, field: str, prompt_len: int) -> SamplingParams:
-    vocab = self.engine.model_config.vocab_size
+    vocab = self.info.vocab_size
     if any(not 0 <= t < vocab for t in s.stop_token_ids):
       raise InvalidArgument(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
     room = self.config.max_model_len - prompt_len
@@ -283,22 +268,33 @@ def record(
   )  # fmt: skip
 
 
-def stage_stats(stats: dict[str, int]) -> pb.StageStats:
+def stage_stats(s: StageStats) -> pb.StageStats:
   return pb.StageStats(
-    running=stats["running"],
-    waiting=stats["waiting"],
-    free_kv_pages=stats["free_pages"],
-    total_kv_pages=stats["total_pages"],
-    cached_prompt_tokens=stats["cached_tokens"],
-    preemptions=stats["preemptions"],
-    steps=stats["steps"],
-    compilations=stats["compilations"],
-    pinned=stats.get("pinned", 0),
-    importing=stats.get("importing", 0),
-    kv_transfers=stats.get("kv_transfers", 0),
-    kv_transfer_bytes=stats.get("kv_transfer_bytes", 0),
-    kv_transfer_seconds=stats.get("kv_transfer_seconds", 0.0),
+    running=s.running,
+    waiting=s.waiting,
+    free_kv_pages=s.free_pages,
+    total_kv_pages=s.total_pages,
+    cached_prompt_tokens=s.cached_tokens,
+    preemptions=s.preemptions,
+    steps=s.steps,
+    compilations=s.compilations,
+    pinned=s.pinned,
+    importing=s.importing,
+    kv_transfers=s.kv_transfers,
+    kv_transfer_bytes=s.kv_transfer_bytes,
+    kv_transfer_seconds=s.kv_transfer_seconds,
   )
+
+
+def stats_of(stage: str, role: str, s: pb.StageStats) -> StageStats:
+  """The inverse of stage_stats (a router reads its workers' stats)."""
+  return StageStats(
+    stage, Role(role), running=s.running, waiting=s.waiting, free_pages=s.free_kv_pages,
+    total_pages=s.total_kv_pages, cached_tokens=s.cached_prompt_tokens,
+    preemptions=s.preemptions, steps=s.steps, compilations=s.compilations, pinned=s.pinned,
+    importing=s.importing, kv_transfers=s.kv_transfers, kv_transfer_bytes=s.kv_transfer_bytes,
+    kv_transfer_seconds=s.kv_transfer_seconds,
+  )  # fmt: skip
 
 
 def response_proto(delta: RequestDelta) -> pb.GenerateResponse:

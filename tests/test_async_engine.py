@@ -325,11 +325,10 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_pages_freed(model, tmp_p
   from meshserve.server.metrics import Metrics
   from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
   from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
-  from meshserve.server.servicer import InferenceServicer, ServingInfo
+  from meshserve.server.servicer import InferenceServicer
 
   engine = AsyncEngine(Engine(model, CONFIG))
-  info = ServingInfo("smollm2", "single device", 1, "cpu", "xla", "float32")
-  servicer = InferenceServicer(engine, info, Metrics(engine.stages), slow_reader_timeout=1.0)
+  servicer = InferenceServicer(engine, Metrics(engine.stages), slow_reader_timeout=1.0)
 
   async def main():
     server = grpc.aio.server()

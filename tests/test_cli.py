@@ -117,17 +117,17 @@ def test_no_tpu_start_up_noise_where_there_is_no_tpu():
 def test_the_cli_never_overrides_a_platform(monkeypatch):
   """A platform the user set stays; on a TPU VM nothing is set; only where no TPU exists is
   TPU left out of what jax probes."""
-  from meshserve.server import cli
+  from meshserve.server.cli import common as cli
 
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
-  cli._skip_absent_tpu()
+  cli.skip_absent_tpu()
   assert os.environ["JAX_PLATFORMS"] == "tpu"
   monkeypatch.delenv("JAX_PLATFORMS")
-  monkeypatch.setattr(cli, "_has_tpu", lambda: True)
-  cli._skip_absent_tpu()
+  monkeypatch.setattr(cli, "has_tpu", lambda: True)
+  cli.skip_absent_tpu()
   assert "JAX_PLATFORMS" not in os.environ
-  monkeypatch.setattr(cli, "_has_tpu", lambda: False)
-  cli._skip_absent_tpu()
+  monkeypatch.setattr(cli, "has_tpu", lambda: False)
+  cli.skip_absent_tpu()
   assert os.environ["JAX_PLATFORMS"].split(",")[-1] == "cpu"
   assert "tpu" not in os.environ["JAX_PLATFORMS"]
 

@@ -43,18 +43,19 @@ async def collect(stream) -> tuple[list[int], object]:
   return ids, last
 
 
-async def every_page_back(engine: DisaggregatedEngine) -> list:
+async def every_page_back(engine: DisaggregatedEngine) -> dict[str, dict]:
+  """Each stage's counters (open and reserved included) once every page is back."""
   for _ in range(300):  # bounded: 15 s
-    stages = engine.stages()
+    stages = {"prefill": engine.prefill.stats(), "decode": engine.decode.stats()}
     if all(
       s["free_pages"] == s["total_pages"]
       and s["open"] == s["pinned"] == s["reserved"] == 0
       and s["importing"] == 0
-      for _, s in stages
+      for s in stages.values()
     ):
       return stages
     await asyncio.sleep(0.05)
-  pytest.fail(f"pages not returned: {engine.stages()}")
+  pytest.fail(f"pages not returned: {[engine.prefill.stats(), engine.decode.stats()]}")
 
 
 def test_greedy_and_seeded_tokens_equal_the_colocated_engine(make, llm, model, golden):
@@ -77,7 +78,7 @@ def test_greedy_and_seeded_tokens_equal_the_colocated_engine(make, llm, model, g
     assert last.timing.transfer_s is not None and last.timing.transfer_s >= 0
     assert last.num_output_tokens == len(ids)
     assert results[len(cases) + i][0] == want_seeded[i].token_ids
-  stages = dict(asyncio.run(every_page_back(engine)))
+  stages = asyncio.run(every_page_back(engine))
   assert stages["decode"]["kv_transfers"] == 2 * len(cases)
   assert stages["decode"]["kv_transfer_bytes"] > 0
 
@@ -168,7 +169,7 @@ async def until(condition, what: str) -> None:
 
 
 def decode_stats(engine: DisaggregatedEngine) -> dict:
-  return dict(engine.stages())["decode"]
+  return engine.decode.stats()
 
 
 def test_a_cancel_while_the_kv_moves_frees_every_page_in_both_stages(make, monkeypatch):

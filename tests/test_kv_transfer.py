@@ -23,7 +23,8 @@ PAIRS = [("tp=2", "tp=4"), ("tp=1", "tp=2"), ("tp=4", "tp=1")]
 def runner(model_config, layout: Layout, devices) -> Runner:
   """A runner over a random-filled pool: the page movers never look at the weights."""
   mesh = layout.make_mesh(devices)
-  r = Runner(types.SimpleNamespace(config=model_config, mesh=mesh, layout=layout), CONFIG)
+  model = types.SimpleNamespace(config=model_config, mesh=mesh, layout=layout, platform="cpu")
+  r = Runner(model, CONFIG)
   rng = np.random.default_rng(len(devices))
   shape = r.cache.k.shape
   k, v = (rng.standard_normal(shape, np.float32) for _ in range(2))

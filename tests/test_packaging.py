@@ -98,3 +98,17 @@ def test_the_layers_point_one_way(site, tmp_path):
     capture_output=True, text=True, timeout=300,
   )  # fmt: skip
   assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_router_path_imports_no_jax():
+  """What a router process imports (the CLI, the server and router modules, the engine seam)
+  loads no JAX: it holds no model. tests/test_server_disaggregated.py checks a running one."""
+  code = (
+    "import sys; import meshserve.server.cli, meshserve.server.serve, meshserve.server.router, "
+    "meshserve.engine.api; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+    "('jax', 'jaxlib', 'flax', 'numpy')))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+  ).stdout
+  assert out.strip() == "[]", out

@@ -261,6 +261,16 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 @ROUTER_ONLY
+def test_the_router_process_loads_no_jax(topology, stub):
+  """The router holds no model: serving, its process has mapped no jaxlib (nor libtpu) library,
+  which any `import jax` would load."""
+  stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)  # it has routed a call
+  maps = pathlib.Path(f"/proc/{topology.endpoint.proc.pid}/maps").read_text()
+  assert "libpython" in maps or "python" in maps  # the file is readable and says something
+  assert not [line for line in maps.splitlines() if "jaxlib" in line or "libtpu" in line]
+
+
+@ROUTER_ONLY
 def test_a_hung_worker_is_found_in_seconds_and_routing_resumes(topology, stub, offline):
   decode = topology.workers["decode"]
 

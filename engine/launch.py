@@ -1,0 +1,37 @@
+"""Builds the engine a `LaunchSpec` describes: loads the model (one per stage, each on devices
+of its own) and starts the engine cores, which warm up in the background."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from meshserve.engine.api import EngineClient, LaunchSpec, Role
+from meshserve.engine.async_engine import AsyncEngine
+from meshserve.engine.disaggregated import DisaggregatedEngine, StageWorkerEngine
+from meshserve.engine.engine import Engine
+from meshserve.models import load_model
+from meshserve.sharding import Layout, split_devices
+
+log = logging.getLogger(__name__)
+
+
+def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = None) -> EngineClient:
+  kw = dict(max_queue=spec.max_queue, warmup=spec.warmup, step_hook=spec.step_hook)
+  kw["on_dead"] = on_dead
+  if spec.role == Role.DISAGGREGATED:
+    layouts = [Layout.parse(spec.prefill_layout), Layout.parse(spec.decode_layout)]
+    prefill, decode = (
+      load_model(spec.model, layout=layout, devices=devices, dtype=spec.dtype)
+      for layout, devices in zip(layouts, split_devices(*layouts), strict=True)
+    )
+    return DisaggregatedEngine(
+      Engine(prefill, spec.engine, role=Role.PREFILL),
+      Engine(decode, spec.engine, role=Role.DECODE),
+      **kw,
+    )
+  engine = Engine(load_model(spec.model, layout=spec.layout, dtype=spec.dtype), spec.engine,
+                  role=spec.role)  # fmt: skip
+  if spec.role == Role.COLOCATED:
+    return AsyncEngine(engine, **kw)
+  return StageWorkerEngine(engine, transfer_host=spec.transfer_host, **kw)

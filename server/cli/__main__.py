@@ -1,0 +1,5 @@
+import sys
+
+from meshserve.server.cli import main
+
+sys.exit(main())

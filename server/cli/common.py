@@ -1,0 +1,108 @@
+"""What the commands share: flags derived from the dataclasses they fill (so each default lives
+once, in the dataclass), the dtype and device flags, and setting up devices before JAX starts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+DTYPES = ("float32", "bfloat16")
+# --model defaults to models.DEFAULT_MODEL, looked up only by the commands that load a model:
+# importing `models` imports jax, which `meshserve client` and a router do not need.
+MODEL_HELP = (
+  "smollm2-135m-instruct (default) or gemma3-270m, a .gguf file, a Hugging Face checkpoint "
+  "directory or an Orbax checkpoint"
+)
+
+
+def model_name(args: argparse.Namespace) -> str:
+  from meshserve.models import DEFAULT_MODEL
+
+  return args.model or DEFAULT_MODEL
+
+
+def field_flags(parser, owner, helps: dict[str, str], **types) -> None:
+  """One `--name-with-dashes` flag per key of `helps`, a field of the dataclass `owner`: its
+  default is the field's, and so is its type (unless `types` names one, for a field whose
+  default is None)."""
+  fields = {f.name: f for f in dataclasses.fields(owner)}
+  for name, help_text in helps.items():
+    default = fields[name].default
+    kind = types.get(name, type(default))
+    parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=help_text)
+
+
+def values(args: argparse.Namespace, owner, names) -> dict:
+  """The parsed flags of `names`, as keyword arguments of `owner`."""
+  fields = {f.name for f in dataclasses.fields(owner)}
+  return {name: getattr(args, name) for name in names if name in fields}
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--dtype", choices=DTYPES, default="float32",
+    help="weights and KV cache: float32 (default, the reference) or bfloat16 (1.5-1.8x the "
+    "throughput on CPU at 64 requests, half the memory; README: Benchmarks)",
+  )  # fmt: skip
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--layout", default=None, help="mesh layout, e.g. tp=8 or dp=2,tp=4")
+  parser.add_argument("--cpu-devices", type=int, default=None, help="fake N CPU devices")
+  group = parser.add_argument_group("multi-process (run the same command in every process)")
+  group.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+  group.add_argument("--num-processes", type=int, default=None)
+  group.add_argument("--process-id", type=int, default=None)
+  group.add_argument(
+    "--auto-distributed",
+    action="store_true",
+    help="let jax detect the processes (Cloud TPU VM pod slice, Slurm, Open MPI)",
+  )
+
+
+def fake_cpu_devices(n: int) -> None:
+  if n < 1:
+    raise ValueError(f"--cpu-devices must be positive, got {n}")
+  flag = f"--xla_force_host_platform_device_count={n}"
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def setup_devices(args: argparse.Namespace) -> None:
+  """Runs before any jax backend exists: the device count and the process group are fixed
+  when the first backend starts."""
+  if args.cpu_devices is not None:
+    fake_cpu_devices(args.cpu_devices)
+  from meshserve.sharding import distributed
+
+  distributed.initialize(
+    args.coordinator_address, args.num_processes, args.process_id, auto=args.auto_distributed
+  )
+
+
+# Where a TPU VM exposes its chips: /dev/accel* (v2-v5e) or /dev/vfio/N (v5p, v6e).
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def has_tpu() -> bool:
+  import glob
+
+  return any(glob.glob(g) for g in TPU_DEVICE_GLOBS)
+
+
+def skip_absent_tpu() -> None:
+  """libtpu (in the dev extra) probes for a TPU whenever jax starts, and on a machine without
+  one prints a screen of warnings before jax falls back (without libtpu, jax still logs that
+  the TPU backend failed). Where no TPU device node exists and the user has not chosen
+  platforms, leave TPU out of the platforms jax tries; everything else (CPU, and a GPU where its
+  plugin is installed) is found as usual. On a TPU VM nothing changes."""
+  import importlib.util
+
+  if "JAX_PLATFORMS" in os.environ or has_tpu():
+    return
+  plugins = {
+    "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin"),
+    "rocm": ("jax_rocm60_plugin", "jax_rocm7_plugin"),
+  }
+  gpu = [p for p, names in plugins.items() if any(importlib.util.find_spec(n) for n in names)]
+  os.environ["JAX_PLATFORMS"] = ",".join([*gpu, "cpu"])
