@@ -43,7 +43,7 @@ from meshserve.engine.config import EngineConfig
 from meshserve.engine.core import EngineCore, EngineDeadError
 from meshserve.engine.engine import Engine
 from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed
-from meshserve.engine.output import RequestDelta
+from meshserve.engine.output import OutputProcessor, RequestDelta
 from meshserve.engine.request import RequestState
 from meshserve.engine.sampling import SamplingParams
 from meshserve.models import Model, ModelConfig
@@ -153,7 +153,8 @@ class AsyncEngine:
     request_id = request_id or new_request_id()
     internal = f"{request_id}#{next(self._ids)}"
     submit = functools.partial(self.core.add, internal, ids, params, arrival, cache_salt)
-    async for event in self._stream(internal, request_id, submit, deadline):
+    output = OutputProcessor(self.tokenizer, params, arrival=arrival)
+    async for event in self._stream(internal, request_id, submit, output, deadline):
       yield event
 
   async def resume(
@@ -168,10 +169,12 @@ class AsyncEngine:
     `Landed` once its KV is in the pool, then its deltas from the second token on."""
     request_id = request_id or new_request_id()
     internal = f"{request_id}#{next(self._ids)}"
-    submit = functools.partial(
-      self.core.import_request, internal, state, fetch, time.perf_counter()
-    )
-    async for event in self._stream(internal, request_id, submit, deadline):
+    arrival = time.perf_counter()
+    submit = functools.partial(self.core.import_request, internal, state, fetch, arrival)
+    # The first token's text was shown by the prefill stage: it primes the detokenizer here.
+    output = OutputProcessor(self.tokenizer, state.params, arrival=arrival,
+                             output_ids=state.output_ids)  # fmt: skip
+    async for event in self._stream(internal, request_id, submit, output, deadline):
       yield event
 
   def release(self, handoff: Handoff) -> None:
@@ -180,7 +183,11 @@ class AsyncEngine:
     if self.core.error is None:
       self.core.release(handoff.request_id)
 
-  async def _stream(self, internal: str, request_id: str, submit, deadline):
+  async def _stream(
+    self, internal: str, request_id: str, submit, output: OutputProcessor, deadline
+  ):
+    """The request's events as the consumer sees them: deltas with their text (made here, on
+    the consumer's loop), ending at a stop string, whereupon the core aborts the request."""
     stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue())
     self._open(internal, stream)
     finished = False
@@ -195,20 +202,22 @@ class AsyncEngine:
           raise item
         if isinstance(item, StageFailed):
           raise item.error
+        if isinstance(item, RequestDelta):
+          item = output.process(dataclasses.replace(item, request_id=stream.client_id))
+          if item is None:  # the core ran past a stop string, and its abort is on the way
+            continue
         finished = item.final
         if isinstance(item, Handoff):
           # The pinned pages become the consumer's to release, before it can be interrupted.
           with self._lock:
             self._streams.pop(internal, None)
-        if isinstance(item, RequestDelta):
-          item = dataclasses.replace(item, request_id=stream.client_id)
         yield item
     finally:
       with self._lock:
         open_in_core = self._streams.pop(internal, None) is not None
         self._client_ids.discard(stream.client_id)
       if open_in_core and self.core.error is None:
-        self.core.abort(internal)  # the consumer left early: nobody wants the rest
+        self.core.abort(internal)  # a stop string, or the consumer left: nobody wants the rest
 
   def stats(self) -> dict[str, int]:
     """The engine's counters after its last step, plus `open`: requests accepted and not yet

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from meshserve.engine.api import Role
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator
-from meshserve.engine.output import RequestDelta, TextStream, TokenLogprob
+from meshserve.engine.output import RequestDelta, TokenLogprob
 from meshserve.engine.request import Request, RequestState
 from meshserve.engine.runner import Runner
 from meshserve.engine.sampling import SamplingParams
@@ -150,8 +150,7 @@ class Engine:
     # An unseeded request's seed comes from the config's seed in arrival order, so every
     # process of a multi-host engine draws the same tokens and keeps the same schedule.
     seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
-    stream = TextStream(self.tokenizer, params.stop)
-    request = Request(request_id, ids, len(ids), params, seed, stream, cache_salt)
+    request = Request(request_id, ids, len(ids), params, seed, cache_salt)
     if arrival is not None:
       request.arrival = arrival
     self.requests[request_id] = request
@@ -208,7 +207,7 @@ class Engine:
     num_tokens = self.reserved.pop(request_id)
     if num_tokens != len(state.prompt_ids):
       raise ValueError(f"state: {len(state.prompt_ids)} prompt tokens, {num_tokens} reserved")
-    request = state.resume(request_id, self.tokenizer)
+    request = state.resume(request_id)
     if arrival is not None:
       request.arrival = arrival
     request.scheduled_at = time.perf_counter()
@@ -268,7 +267,9 @@ class Engine:
     )
 
   def _append(self, request: Request, sampled) -> None:
-    """Adds a sampled token to the request and settles whether it is finished."""
+    """Adds a sampled token to the request and settles whether it is finished: by an EOS or
+    stop token, or by length. Stop strings are the front end's (OutputProcessor): text is
+    never made on this thread."""
     token, params = int(sampled.tokens), request.params
     request.token_ids.append(token)
     if request.first_token_at is None:
@@ -279,14 +280,8 @@ class Engine:
       request.logprobs.append(TokenLogprob(token, float(sampled.logprob), tuple(top)))
     eos = token in self.model.config.eos_token_ids and not params.ignore_eos
     if eos or token in params.stop_token_ids:
-      request.stream.flush()
-      request.finish("stop")
-      return
-    request.stream.add(token)
-    if request.stream.stopped:
       request.finish("stop")
     elif request.num_output >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
-      request.stream.flush()
       request.finish("length")
 
 

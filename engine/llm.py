@@ -15,7 +15,7 @@ import numpy as np
 
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.engine import Engine
-from meshserve.engine.output import RequestOutput
+from meshserve.engine.output import OutputProcessor, RequestOutput
 from meshserve.engine.sampling import SamplingParams
 from meshserve.models import DEFAULT_MODEL, Model, load_model
 
@@ -66,7 +66,7 @@ class LLM:
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"params: got {len(params)} for {len(prompts)} prompts")
-    engine, results = self.engine, {}
+    engine, results, outputs = self.engine, {}, {}
     try:
       for prompt, sp in zip(prompts, params, strict=True):
         # A text prompt gets BOS where the tokenizer's metadata asks for it, as HF does.
@@ -77,6 +77,7 @@ class LLM:
         )
         request_id = engine.add_request(ids, sp)
         results[request_id] = RequestOutput(request_id, [int(t) for t in ids])
+        outputs[request_id] = OutputProcessor(self.tokenizer, sp)
     except ValueError:
       for request_id in results:
         engine.abort(request_id)
@@ -84,10 +85,12 @@ class LLM:
     order = {request_id: i for i, request_id in enumerate(results)}
     start, steps, unfinished = time.perf_counter(), engine.num_steps, len(results)
     while unfinished:
-      for delta in engine.step():
-        out = results.get(delta.request_id)
-        if out is None:
+      for core_delta in engine.step():
+        out = results.get(core_delta.request_id)
+        if out is None or (delta := outputs[core_delta.request_id].process(core_delta)) is None:
           continue
+        if delta.finished and not core_delta.finished:  # a stop string: the core stops too
+          engine.abort(delta.request_id)
         out.add(delta)
         if on_delta and delta.new_text:
           on_delta(order[delta.request_id], delta.new_text)

@@ -1,8 +1,11 @@
-"""What a request produces, and the host-side text stream that honours stop strings."""
+"""What a request produces, and the front end's output processing: detokenization and stop
+strings, off the engine core's thread (as vLLM v1's OutputProcessor)."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Sequence
 
 from meshserve.engine.api import (  # noqa: F401 - re-exported
   FinishReason,
@@ -10,6 +13,7 @@ from meshserve.engine.api import (  # noqa: F401 - re-exported
   RequestTiming,
   TokenLogprob,
 )
+from meshserve.engine.params import SamplingParams
 from meshserve.models import IncrementalDetokenizer, Tokenizer
 
 
@@ -112,3 +116,63 @@ class TextStream:
     delta = self.detok.text[len(self.text) :]
     self.text = self.detok.text
     return delta
+
+
+class OutputProcessor:
+  """The front end's half of one request's output, as in vLLM v1: the engine core emits token
+  deltas; this turns them into text, cuts the text at the first stop string and says when that
+  ended the request (the caller then aborts it in the core, which may have run ahead a token
+  or two: those are dropped here). Runs on the caller's thread, never the engine core's.
+
+  `output_ids`: tokens already produced elsewhere (a decode stage continuing a hand-off): they
+  prime the detokenizer and stop strings, and are not reported again."""
+
+  def __init__(
+    self,
+    tokenizer: Tokenizer,
+    params: SamplingParams,
+    *,
+    arrival: float | None = None,
+    output_ids: Sequence[int] = (),
+  ):
+    self.stream = TextStream(tokenizer, params.stop)
+    self.arrival = time.perf_counter() if arrival is None else arrival
+    for token in output_ids:
+      self.stream.add(token)
+    self.num_output = len(output_ids)
+    self.finished = False
+
+  def process(self, delta: RequestDelta) -> RequestDelta | None:
+    """The delta with its text, cut at a stop string; None once the request has finished here
+    (what the core sent after it). `stopped` tells whether a stop string finished it."""
+    if self.finished:
+      return None
+    ids, text = [], []
+    finish = delta.finish_reason
+    for i, token in enumerate(delta.new_token_ids):
+      ids.append(token)
+      last = i == len(delta.new_token_ids) - 1
+      if last and finish == "stop":  # an EOS or stop token: its text is not shown
+        text.append(self.stream.flush())
+        break
+      text.append(self.stream.add(token))
+      if self.stream.stopped:
+        finish = "stop"
+        break
+      if last and finish == "length":  # held-back text that never became a stop string
+        text.append(self.stream.flush())
+    self.num_output += len(ids)
+    logprobs = None if delta.new_logprobs is None else delta.new_logprobs[: len(ids)]
+    timing = delta.timing
+    if finish is not None and timing.finished_s is None:  # finished here, not in the core
+      timing = dataclasses.replace(timing, finished_s=time.perf_counter() - self.arrival)
+    self.finished = finish is not None
+    return dataclasses.replace(
+      delta, new_token_ids=ids, new_text="".join(text), new_logprobs=logprobs,
+      finish_reason=finish, num_output_tokens=self.num_output, timing=timing,
+    )  # fmt: skip
+
+  @property
+  def stopped(self) -> bool:
+    """A stop string ended the request: the core still runs it until aborted."""
+    return self.stream.stopped

@@ -5,15 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from meshserve.engine.output import (
-  FinishReason,
-  RequestDelta,
-  RequestTiming,
-  TextStream,
-  TokenLogprob,
-)
-from meshserve.engine.sampling import SamplingParams
-from meshserve.models import Tokenizer
+from meshserve.engine.api import FinishReason, RequestDelta, RequestTiming, TokenLogprob
+from meshserve.engine.params import SamplingParams
 
 
 @dataclasses.dataclass(eq=False)
@@ -27,7 +20,6 @@ class Request:
   prompt_len: int
   params: SamplingParams
   seed: int
-  stream: TextStream
   cache_salt: str = ""  # prefix-cache scope: pages are shared only under the same salt
   arrival: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter clock
   num_computed: int = 0
@@ -39,7 +31,6 @@ class Request:
   first_token_at: float | None = None
   finished_at: float | None = None
   _reported: int = 0  # output tokens already handed out in an update
-  _reported_text: int = 0
 
   @property
   def num_tokens(self) -> int:
@@ -70,16 +61,15 @@ class Request:
     )
 
   def delta(self) -> RequestDelta:
-    """What changed since the last call."""
-    text = self.stream.text
+    """The tokens added since the last call (their text is the front end's to make:
+    OutputProcessor)."""
     new_ids = self.token_ids[self.prompt_len + self._reported :]
     logprobs = self.logprobs[self._reported :] if self.params.logprobs is not None else None
-    new_text = text[self._reported_text :]
-    self._reported, self._reported_text = self.num_output, len(text)
+    self._reported = self.num_output
     return RequestDelta(
       request_id=self.request_id,
       new_token_ids=new_ids,
-      new_text=new_text,
+      new_text="",
       new_logprobs=logprobs,
       finish_reason=self.finish_reason,
       num_prompt_tokens=self.prompt_len,
@@ -108,18 +98,14 @@ class RequestState:
       request.seed, request.num_cached_tokens, request.cache_salt,
     )  # fmt: skip
 
-  def resume(self, request_id: str, tokenizer: Tokenizer) -> Request:
-    """The request as the prefill stage left it: prompt KV computed, output so far reported
-    (its text is rebuilt, so stop strings and detokenization carry on seamlessly)."""
-    stream = TextStream(tokenizer, self.params.stop)
-    for token in self.output_ids:
-      stream.add(token)
+  def resume(self, request_id: str) -> Request:
+    """The request as the prefill stage left it: prompt KV computed, output so far reported."""
     ids = self.prompt_ids + self.output_ids
     request = Request(
-      request_id, ids, len(self.prompt_ids), self.params, self.seed, stream, self.cache_salt
+      request_id, ids, len(self.prompt_ids), self.params, self.seed, self.cache_salt
     )
     request.num_computed = len(self.prompt_ids)
     request.num_cached_tokens = self.num_cached_tokens
     request.logprobs = [None] * len(self.output_ids)  # reported by the prefill stage
-    request._reported, request._reported_text = len(self.output_ids), len(stream.text)
+    request._reported = len(self.output_ids)
     return request

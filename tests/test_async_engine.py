@@ -211,6 +211,35 @@ def test_server_assigned_ids_are_random_and_never_collide_with_client_ids(make):
   asyncio.run(all_pages_back(engine))
 
 
+def test_text_is_made_off_the_engine_thread_and_a_stop_string_aborts_in_the_core(
+  make, model, golden, monkeypatch
+):
+  """Detokenization and stop strings run in the front end (the consumer's thread), never on
+  the engine core's: the core emits tokens; a stop string found in the front end ends the
+  stream and aborts the request in the core, which may have run a token past it."""
+  threads = []
+  decode = model.tokenizer.decode
+
+  def spy(*args, **kw):
+    threads.append(threading.current_thread().name)
+    return decode(*args, **kw)
+
+  monkeypatch.setattr(model.tokenizer, "decode", spy)
+  engine = make()
+  prompt = golden.case(2)["ids"].tolist()  # continues " a wise and kind woman named Elara."
+
+  async def main():
+    deltas = [d async for d in engine.generate(prompt, SamplingParams(max_tokens=32, stop="d wom"))]
+    return deltas, await all_pages_back(engine)
+
+  deltas, _ = asyncio.run(main())
+  assert deltas[-1].finish_reason == "stop" and "".join(d.new_text for d in deltas) == (
+    " a wise and kin"
+  )
+  assert deltas[-1].num_output_tokens == sum(len(d.new_token_ids) for d in deltas)
+  assert threads and "meshserve-engine-core" not in threads, set(threads)
+
+
 def test_stop_limits_are_refused_naming_the_field():
   from meshserve.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 

@@ -12,20 +12,14 @@ import pytest
 
 from meshserve.engine.config import EngineConfig, bucket
 from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator, page_hashes
-from meshserve.engine.output import TextStream
 from meshserve.engine.request import Request
 from meshserve.engine.sampling import SamplingParams
 from meshserve.engine.scheduler import Scheduler
 
 
-class _NoTokenizer:
-  def decode(self, ids):
-    return ""
-
-
 def _request(rid, tokens, max_tokens=8):
   params = SamplingParams(max_tokens=max_tokens)
-  return Request(rid, list(tokens), len(tokens), params, 0, TextStream(_NoTokenizer(), ()))
+  return Request(rid, list(tokens), len(tokens), params, 0)
 
 
 def test_allocate_grows_tables_and_reports_exhaustion():
