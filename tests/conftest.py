@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices for the sharding tests, whatever else XLA_FLAGS already says.
@@ -12,6 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
+# scripts/serving.py, the process launcher the benchmarks use too, imports as `serving`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 
 
 class Golden:
@@ -95,6 +98,21 @@ def compilation_cache(tmp_path_factory):
   """A JAX compilation cache for this test run's servers: the first compiles, later ones
   load."""
   return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="session")
+def router_topology(tmp_path_factory, compilation_cache):
+  """A router over a prefill and a decode worker, shared by the two files that test it
+  (tests/topologies.py); the last of them stops it with SIGTERM."""
+  from topologies import start, start_router_topology
+
+  logs = tmp_path_factory.mktemp("router")
+  t = start_router_topology(logs, compilation_cache)
+  t.name, t.logs, t.cache = "router", logs, compilation_cache
+  try:
+    yield start(t)
+  finally:
+    t.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,14 @@
 """scripts/benchmark_serving.py against an in-process fake Inference server."""
 
 import asyncio
-import importlib.util
 import json
-import pathlib
-import sys
 import threading
 
+import benchmark_serving as bench  # scripts/, on sys.path (conftest)
 import grpc
 import pytest
 
 from meshserve.server.proto.meshserve.v1 import inference_pb2, inference_pb2_grpc
-
-_PATH = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark_serving.py"
-_spec = importlib.util.spec_from_file_location("benchmark_serving", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
 
 FAIL_MARKER = 7  # a first prompt token below the benchmark's id range: the fake rejects it
 CHUNK = 3  # tokens per streamed response after the first

@@ -1,5 +1,5 @@
-"""A `meshserve serve` subprocess for tests: free loopback ports, bounded waits, and stopped by
-its own PID only."""
+"""`meshserve serve` subprocesses, for the tests and the benchmarks alike: free loopback ports,
+bounded waits, and each stopped by its own PID only; and a few gRPC client helpers."""
 
 from __future__ import annotations
 
@@ -67,18 +67,20 @@ class Server:
     self,
     *flags: str,
     log: pathlib.Path,
-    cache: pathlib.Path,
+    cache: pathlib.Path | None,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    engine_flags: tuple[str, ...] = ENGINE_FLAGS,
   ):
-    """cache: the JAX compilation cache directory (the test run's own, never the user's)."""
+    """cache: the JAX compilation cache directory (a test run's own, never the user's; None:
+    the server's default). engine_flags: the engine's shape (a benchmark passes its own)."""
     self.port, self.metrics_port = port or free_port(), free_port()
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
     argv = [
       sys.executable, "-m", "meshserve.server.cli", "serve", "--host", "127.0.0.1",
       "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-      "--compilation-cache", str(cache), *ENGINE_FLAGS, *flags,
+      *(() if cache is None else ("--compilation-cache", str(cache))), *engine_flags, *flags,
     ]  # fmt: skip
     self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
     self.proc = subprocess.Popen(
