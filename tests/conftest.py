@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 DATA = pathlib.Path(__file__).parent / "data"
 # scripts/serving.py, the process launcher the benchmarks use too, imports as `serving`.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+pytest_plugins = ("topologies",)  # the server topologies' fixtures (stub, offline)
 
 
 class Golden:

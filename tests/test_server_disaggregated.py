@@ -20,14 +20,13 @@ import pytest
 from conftest import assert_greedy_equal
 from serving import Server, collect, model_info, self_signed_cert
 from topologies import (
-  ENGINE,
   Topology,
   assert_sigterm_stops_every_process_cleanly,
   start,
   wait_every_stage_idle,
 )
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import SamplingParams
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
 from meshserve.server.proto.meshserve.v1 import stages_pb2 as spb
@@ -55,17 +54,6 @@ def topology(request, tmp_path_factory, compilation_cache):
     yield start(t)
   finally:
     t.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(topology):
-  with topology.endpoint.channel() as channel:
-    yield topology.endpoint.stub(channel)
-
-
-@pytest.fixture(scope="module")
-def offline(model):
-  return LLM(model, ENGINE)
 
 
 def test_golden_prompts_equal_offline_outputs_greedy_and_seeded(stub, offline, golden, model):

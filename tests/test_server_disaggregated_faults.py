@@ -22,7 +22,7 @@ from topologies import (
   wait_for,
 )
 
-from meshserve.engine import LLM, SamplingParams
+from meshserve.engine import SamplingParams
 from meshserve.engine.config import bucket
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc, stages_pb2_grpc
@@ -34,17 +34,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def topology(router_topology):
   return router_topology
-
-
-@pytest.fixture(scope="module")
-def stub(topology):
-  with topology.endpoint.channel() as channel:
-    yield topology.endpoint.stub(channel)
-
-
-@pytest.fixture(scope="module")
-def offline(model):
-  return LLM(model, ENGINE)
 
 
 def test_the_router_process_loads_no_jax(topology, stub):

@@ -7,7 +7,7 @@ import time
 import pytest
 from serving import Server, model_info
 
-from meshserve.engine import EngineConfig
+from meshserve.engine import LLM, EngineConfig
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 
 ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_batched_tokens=32)
@@ -92,3 +92,16 @@ def wait_for(predicate, timeout: float, what: str):
 def assert_sigterm_stops_every_process_cleanly(topology: Topology) -> None:
   for server in (topology.endpoint, *topology.workers.values()):
     assert server.terminate() == 0, server.output()
+
+
+# Fixtures of the files that test a topology (each defines `topology`); they import these.
+@pytest.fixture(scope="module")
+def stub(topology):
+  with topology.endpoint.channel() as channel:
+    yield topology.endpoint.stub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+  """The offline engine on the servers' engine shape: the reference outputs."""
+  return LLM(model, ENGINE)
