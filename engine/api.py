@@ -296,7 +296,6 @@ class LaunchSpec:
   max_queue: int | None = 256  # requests that may wait beyond the batch
   warmup: bool = True  # compile every step shape before `ready`
   transfer_host: str = "127.0.0.1"  # PREFILL, DECODE: where the KV transfer server listens
-  step_hook: Callable[[], None] | None = None  # run before each step (tests inject faults)
 
   def __post_init__(self):
     if self.role == Role.ROUTER:

@@ -63,12 +63,11 @@ class AsyncEngine:
     *,
     max_queue: int | None = None,
     warmup: bool = False,
-    step_hook: Callable[[], None] | None = None,
     on_dead: Callable[[EngineDeadError], None] | None = None,
   ):
     """max_queue: how many requests may wait beyond the engine's max_batch before new ones get
     QueueFullError (None: no limit). warmup: compile every step shape before the first step
-    (`ready` is set when done). step_hook: see EngineCore. on_dead: called (on the core's
+    (`ready` is set when done). on_dead: called (on the core's
     thread) once the engine has failed or shut down, after every open stream has been told."""
     self.engine, self.tokenizer = engine, engine.tokenizer
     self.max_queue = max_queue
@@ -77,9 +76,7 @@ class AsyncEngine:
     self._streams: dict[str, _Stream] = {}  # internal id -> stream, until its last delta
     self._client_ids: set[str] = set()  # streaming now, until the consumer is done
     self._ids = itertools.count()
-    self.core = EngineCore(
-      engine, self._on_deltas, self._on_dead, warmup=warmup, step_hook=step_hook
-    )
+    self.core = EngineCore(engine, self._on_deltas, self._on_dead, warmup=warmup)
 
   @property
   def ready(self) -> threading.Event:

@@ -78,13 +78,11 @@ class EngineCore:
     on_dead: Callable[[EngineDeadError], None],
     *,
     warmup: bool = False,
-    step_hook: Callable[[], None] | None = None,
   ):
     """on_deltas (a list of RequestDelta, Handoff, Landed and StageFailed events) and on_dead
-    run on the core thread and must not block. step_hook runs before every step; an exception
-    from it fails the core as a failed step would (tests inject faults through it)."""
+    run on the core thread and must not block. An exception from a step fails the core."""
     self.engine = engine
-    self._on_deltas, self._on_dead, self._step_hook = on_deltas, on_dead, step_hook
+    self._on_deltas, self._on_dead = on_deltas, on_dead
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.error: EngineDeadError | None = None
     self.ready = threading.Event()  # set once warm-up is done and the loop runs
@@ -194,8 +192,6 @@ class EngineCore:
     self._move_imports(events)
     self._stalled = False
     if self.engine.has_unfinished():
-      if self._step_hook is not None:
-        self._step_hook()
       steps = self.engine.num_steps
       events += self.engine.step()
       self._stalled = self.engine.num_steps == steps  # nothing could be scheduled

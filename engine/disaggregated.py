@@ -56,10 +56,9 @@ class DisaggregatedEngine:
     *,
     max_queue: int | None = None,
     warmup: bool = False,
-    step_hook: Callable[[], None] | None = None,
     on_dead: Callable[[EngineDeadError], None] | None = None,
   ):
-    """max_queue bounds the prefill stage's queue; warmup, step_hook and on_dead are as for
+    """max_queue bounds the prefill stage's queue; warmup and on_dead are as for
     AsyncEngine, for both stages (on_dead fires once, for the first stage that fails)."""
     if (prefill.role, decode.role) != ("prefill", "decode"):
       raise ValueError(f"roles: expected prefill and decode, got {prefill.role}, {decode.role}")
@@ -68,7 +67,7 @@ class DisaggregatedEngine:
         raise ValueError(f"{name}: the prefill and decode stages must agree")
     self._notify_dead, self._dead_once = on_dead, threading.Lock()
     self._told = False
-    kw = dict(warmup=warmup, step_hook=step_hook, on_dead=self._on_dead)
+    kw = dict(warmup=warmup, on_dead=self._on_dead)
     self.prefill = AsyncEngine(prefill, max_queue=max_queue, **kw)
     self.decode = AsyncEngine(decode, **kw)
     self.tokenizer = self.prefill.tokenizer

@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = None) -> EngineClient:
-  kw = dict(max_queue=spec.max_queue, warmup=spec.warmup, step_hook=spec.step_hook)
-  kw["on_dead"] = on_dead
+  kw = dict(max_queue=spec.max_queue, warmup=spec.warmup, on_dead=on_dead)
   if spec.role == Role.DISAGGREGATED:
     layouts = [Layout.parse(spec.prefill_layout), Layout.parse(spec.decode_layout)]
     prefill, decode = (

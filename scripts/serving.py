@@ -71,14 +71,16 @@ class Server:
     env: dict[str, str] | None = None,
     port: int | None = None,
     engine_flags: tuple[str, ...] = ENGINE_FLAGS,
+    entry: tuple[str, ...] = ("-m", "meshserve.server.cli"),
   ):
     """cache: the JAX compilation cache directory (a test run's own, never the user's; None:
-    the server's default). engine_flags: the engine's shape (a benchmark passes its own)."""
+    the server's default). engine_flags: the engine's shape (a benchmark passes its own).
+    entry: what the interpreter runs, with the CLI's arguments after it."""
     self.port, self.metrics_port = port or free_port(), free_port()
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
     argv = [
-      sys.executable, "-m", "meshserve.server.cli", "serve", "--host", "127.0.0.1",
+      sys.executable, *entry, "serve", "--host", "127.0.0.1",
       "--port", str(self.port), "--metrics-port", str(self.metrics_port),
       *(() if cache is None else ("--compilation-cache", str(cache))), *engine_flags, *flags,
     ]  # fmt: skip

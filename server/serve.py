@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 
@@ -39,19 +38,6 @@ log = logging.getLogger("meshserve.server")
 ROLES = {"all": None, "prefill": api.Role.PREFILL, "decode": api.Role.DECODE}
 
 
-def fault_hook():
-  """Test-only: when $MESHSERVE_TEST_FAULT_FILE is set, a step fails once that file exists."""
-  path = os.environ.get("MESHSERVE_TEST_FAULT_FILE")
-  if not path:
-    return None
-
-  def hook():
-    if os.path.exists(path):
-      raise RuntimeError(f"fault injected through {path}")
-
-  return hook
-
-
 def launch_spec(opts: ServeOptions) -> api.LaunchSpec:
   """The engine a model-serving process runs."""
   role = ROLES[opts.role]
@@ -61,7 +47,6 @@ def launch_spec(opts: ServeOptions) -> api.LaunchSpec:
     model=opts.model, role=role, dtype=opts.dtype, layout=opts.layout,
     prefill_layout=opts.prefill_layout, decode_layout=opts.decode_layout, engine=opts.engine,
     max_queue=opts.max_queue, warmup=opts.warmup, transfer_host=opts.internal_host,
-    step_hook=fault_hook(),
   )  # fmt: skip
 
 

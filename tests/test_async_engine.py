@@ -29,8 +29,19 @@ PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
 def make(model):
   engines = []
 
-  def make(**kw) -> AsyncEngine:
-    engines.append(AsyncEngine(Engine(model, CONFIG), **kw))
+  def make(step_hook=None, **kw) -> AsyncEngine:
+    """step_hook: runs before each step, on the core's thread (the test's own seam: it wraps
+    this engine's step)."""
+    engine = Engine(model, CONFIG)
+    if step_hook is not None:
+      step = engine.step
+
+      def hooked_step():
+        step_hook()
+        return step()
+
+      engine.step = hooked_step
+    engines.append(AsyncEngine(engine, **kw))
     return engines[-1]
 
   yield make

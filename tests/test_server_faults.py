@@ -1,5 +1,6 @@
 """The server under TLS and bearer-token auth, with a queue limit, and with an injected engine
-failure (the test-only $MESHSERVE_TEST_FAULT_FILE hook), which comes last: it kills the engine."""
+failure (tests/fault_server.py: the CLI with a step that fails once a file exists), which comes
+last: it kills the engine."""
 
 import concurrent.futures
 import ipaddress
@@ -33,7 +34,7 @@ def server(tmp_path_factory, tls, compilation_cache):
     "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "token"),
     "--max-batch", "2", "--max-queue", "2",
     log=d / "server.log", cache=compilation_cache,
-    env={"MESHSERVE_TEST_FAULT_FILE": str(d / "fault")},
+    entry=(str(pathlib.Path(__file__).with_name("fault_server.py")), str(d / "fault")),
   )  # fmt: skip
   s.fault = d / "fault"
   s.credentials = grpc.ssl_channel_credentials(cert.read_bytes())
