@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import pathlib
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -311,8 +312,9 @@ def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = No
   return start(spec, on_dead=on_dead)
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
-  """Turns on JAX's persistent compilation cache (see meshserve.engine.runner)."""
-  from meshserve.engine.runner import enable_compilation_cache as enable
+def enable_compilation_cache(path: str | None = None) -> pathlib.Path:
+  """Turns on JAX's persistent compilation cache, so a restarted server loads its compiled
+  steps instead of compiling them again; returns its folder (see meshserve.engine.launch)."""
+  from meshserve.engine.launch import enable_compilation_cache as enable
 
   return enable(path)

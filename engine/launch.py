@@ -4,7 +4,11 @@ of its own) and starts the engine cores, which warm up in the background."""
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 from collections.abc import Callable
+
+import jax
 
 from meshserve.engine.api import EngineClient, LaunchSpec, Role
 from meshserve.engine.async_engine import AsyncEngine
@@ -34,3 +38,18 @@ def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = No
   if spec.role == Role.COLOCATED:
     return AsyncEngine(engine, **kw)
   return StageWorkerEngine(engine, transfer_host=spec.transfer_host, **kw)
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
+  """Turns on JAX's persistent compilation cache, so a restarted server loads its compiled
+  steps from disk instead of compiling them again. Default: $MESHSERVE_CACHE/jax, else
+  ~/.cache/meshserve/jax."""
+  if path is None:
+    root = os.environ.get("MESHSERVE_CACHE", pathlib.Path.home() / ".cache/meshserve")
+    path = pathlib.Path(root) / "jax"
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path

@@ -21,7 +21,6 @@ import functools
 import itertools
 import logging
 import os
-import pathlib
 import threading
 import time
 
@@ -46,29 +45,15 @@ class StepShardings:
   """Where a sharded model's step keeps its results: the KV pool stays split as it came in,
   and the sampled rows the host reads back are replicated, so every process can read them.
 
-  replicas > 1: the pool's pages are split over `data`, one slice per replica, and the step
-  runs as `replicas` independent models (a shard_map over `data`; `model` stays XLA's to
-  partition): each replica's rows read and write only its own slice, with page numbers local
-  to it, so no KV ever crosses between replicas."""
+  replicas > 1: the pool's pages are split over `replica_axis`, one slice per replica, and
+  the step runs as `replicas` independent models (a shard_map over that axis; the others stay
+  XLA's to partition): each replica's rows read and write only its own slice, with page
+  numbers local to it, so no KV ever crosses between replicas."""
 
   cache: NamedSharding
   replicated: NamedSharding
   replicas: int = 1
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
-  """Turns on JAX's persistent compilation cache, so a restarted server loads its compiled
-  steps from disk instead of compiling them again. Default: $MESHSERVE_CACHE/jax, else
-  ~/.cache/meshserve/jax."""
-  if path is None:
-    root = os.environ.get("MESHSERVE_CACHE", pathlib.Path.home() / ".cache/meshserve")
-    path = pathlib.Path(root) / "jax"
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return path
+  replica_axis: str | None = None  # the mesh axis the rules give `batch` (and `pages`)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames="cache")
@@ -84,12 +69,13 @@ def model_step(
     return sample(logits, sampling, step), logits, cache
 
   if shardings is not None and shardings.replicas > 1:
-    rows, pages = PartitionSpec("data"), PartitionSpec(None, "data")
+    axis = shardings.replica_axis
+    rows, pages = PartitionSpec(axis), PartitionSpec(None, axis)
     run = jax.shard_map(
       run,
       in_specs=(PartitionSpec(), pages, rows, rows, rows, rows, rows, rows),
       out_specs=(rows, rows, pages),
-      axis_names={"data"},
+      axis_names={axis},
       check_vma=False,
     )
   sampled, logits, cache = run(
@@ -138,14 +124,16 @@ class Runner:
     else:
       shape = (cfg.num_layers, config.num_pages, config.page_size, cfg.num_kv_heads, cfg.head_dim)
       cache = kv_cache_sharding(shape, model.layout, model.mesh)
-      if replicas > 1 and cache.spec[1] != "data":
-        raise ValueError(f"dp={replicas} pools: the rules must split `pages` over `data`")
+      axis = model.layout.rules.batch
+      if replicas > 1 and (axis is None or cache.spec[1] != axis):
+        raise ValueError(f"dp={replicas} pools: the rules must split `batch` and `pages` alike")
       if replicas == 1 and cache.spec[1] is not None:
         # One pool for every row (a stage's page lists cross stages): its pages stay whole.
         cache = NamedSharding(model.mesh, PartitionSpec(cache.spec[0], None, *cache.spec[2:]))
       self.shardings = StepShardings(
-        cache=cache, replicated=NamedSharding(model.mesh, PartitionSpec()), replicas=replicas
-      )
+        cache=cache, replicated=NamedSharding(model.mesh, PartitionSpec()), replicas=replicas,
+        replica_axis=axis,
+      )  # fmt: skip
       zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size, storage)
       self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
     self.executables: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, P)

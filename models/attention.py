@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from meshserve.models import cpu_kernels, precision
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels import flash_attention, ragged_paged_attention
+from meshserve.sharding import MEGATRON, Rules
 
 
 @struct.dataclass
@@ -90,6 +91,9 @@ class AttentionBackend:
 
   kind: Literal["xla", "native", "pallas"] = "xla"
   interpret: bool = False  # pallas only: run the kernels in interpret mode (CPU)
+  # The model's layout's rules table: which mesh axes a Pallas call's rows (`batch`) and heads
+  # (`kv_heads`) are split over, on a mesh (load_model sets the layout's own).
+  rules: Rules = MEGATRON
 
   def __post_init__(self):
     if self.kind not in ("xla", "native", "pallas"):
@@ -143,7 +147,7 @@ class AttentionBackend:
       flash = functools.partial(
         flash_attention, causal=True, sliding_window=window, interpret=self.interpret
       )
-      rows = _per_shard(q.shape[0], k.shape[2])
+      rows = _per_shard(q.shape[0], k.shape[2], self.rules)
       if rows is None:
         return flash(q, k, v)
       b, h = rows
@@ -180,7 +184,7 @@ class AttentionBackend:
 
     k_pool, v_pool = precision.values(cache.k), precision.values(cache.v)  # bits on CPU
     args = (q[:, 0], k_pool, v_pool, kv_lens, page_table, layer)
-    rows = _per_shard(q.shape[0], cache.k.shape[3])
+    rows = _per_shard(q.shape[0], cache.k.shape[3], self.rules)
     if rows is None:
       return decode(*args)[:, None]
     b, h = rows
@@ -193,18 +197,22 @@ class AttentionBackend:
 NO_WINDOW = 1 << 30  # a span past any context: a global layer under a traced window
 
 
-def _per_shard(batch: int, kv_heads: int) -> tuple[str | None, str | None] | None:
+def _per_shard(batch: int, kv_heads: int, rules: Rules) -> tuple[str | None, str | None] | None:
   """How a Pallas kernel call is split over the mesh the step is traced under (XLA cannot
-  partition a Mosaic kernel itself): rows over `data` and heads over `model` where they divide,
-  each shard running the kernel on its own rows and heads. None without a multi-device mesh."""
+  partition a Mosaic kernel itself): rows and heads over the mesh axes the rules give `batch`
+  and `kv_heads`, where they divide, each shard running the kernel on its own rows and heads.
+  None without a multi-device mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None
   # Axes already manual (a data-parallel step runs each replica in a shard_map) are whole here.
   sizes = {a: n for a, n in mesh.shape.items() if a not in mesh.manual_axes}
-  b = "data" if batch % sizes.get("data", 1) == 0 and sizes.get("data", 1) > 1 else None
-  h = "model" if kv_heads % sizes.get("model", 1) == 0 and sizes.get("model", 1) > 1 else None
-  return b, h
+
+  def axis(logical: str, size: int) -> str | None:
+    name = rules.mesh_axis(logical)
+    return name if sizes.get(name, 1) > 1 and size % sizes[name] == 0 else None
+
+  return axis("batch", batch), axis("kv_heads", kv_heads)
 
 
 def xla_attention(

@@ -201,6 +201,8 @@ def load_model(
     attention = AttentionBackend.default_for(platform, sharded=sharded)
   elif isinstance(attention, str):
     attention = AttentionBackend(attention)
+  if layout is not None:
+    attention = dataclasses.replace(attention, rules=layout.rules)
   if attention.kind == "native" and (sharded or platform != "cpu"):
     raise ValueError("attention: 'native' runs on one CPU device; use 'xla' elsewhere")
   start = time.perf_counter()

@@ -87,12 +87,15 @@ class Transformer(nnx.Module):
     sequence has cached so far. Returns float32 logits [B, T, V] ([B, V] with `logits_at`)
     and the updated cache."""
     cfg = self.cfg
-    # The residual stream's and the matmuls' result dtype: float32, except on a mesh split over
-    # `model`, where a matmul whose contraction is split ends in an all-reduce of its partial
-    # sums, which then moves the weights' dtype: half the bytes of float32 in bfloat16 (each
-    # shard still accumulates in float32, as the MXU does).
+    # The residual stream's and the matmuls' result dtype: float32, except on a mesh that splits
+    # the heads or the MLP (as the rules say), where a matmul whose contraction is split ends
+    # in an all-reduce of its partial sums, which then moves the weights' dtype: half the bytes
+    # of float32 in bfloat16 (each shard still accumulates in float32, as the MXU does).
     mesh = jax.sharding.get_abstract_mesh()
-    split = not mesh.empty and dict(mesh.shape).get("model", 1) > 1
+    rules = self.attention.rules
+    split = not mesh.empty and any(
+      dict(mesh.shape).get(rules.mesh_axis(a), 1) > 1 for a in ("heads", "mlp")
+    )
     result = jnp.dtype(cfg.dtype) if split else jnp.dtype(jnp.float32)
     x = precision.values(self.embed[...][tokens])  # [B, T, E]
     if cfg.embed_scale != 1.0:

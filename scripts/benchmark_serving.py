@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
   compiled = [info.stages[0].stats.compilations for info in (before, after)]
   print(f"server compilations: {compiled[0]} before, {compiled[1]} after")
   if args.offline:
-    from meshserve.engine.runner import enable_compilation_cache
+    from meshserve.engine import api
 
-    enable_compilation_cache()  # the server's compiled steps, where it shares this machine
+    api.enable_compilation_cache()  # the server's compiled steps, where it shares this machine
     levels = [(requests, s.get("concurrency")) for (*_, s, requests) in runs]
     offline = run_offline(args.offline_model or before.model, before, levels)
     print(f"\n{'level':>8} {'server tok/s':>13} {'offline tok/s':>14} {'server/offline':>15}")

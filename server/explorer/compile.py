@@ -155,7 +155,7 @@ def _abstract_model(config, layout, mesh, chip):
 
   from meshserve.models import AttentionBackend, Transformer
 
-  attention = AttentionBackend("pallas" if chip != "cpu" else "xla")
+  attention = AttentionBackend("pallas" if chip != "cpu" else "xla", rules=layout.rules)
   module = nnx.eval_shape(lambda: Transformer(config, attention))
   graphdef, abstract = nnx.split(module)
   shardings = param_shardings(abstract, layout, mesh)
@@ -204,7 +204,9 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
   inputs = (ints(B, T), ints(B, T), ints(B, P), ints(B), sampling, ints(B))
   # The engine's own step: under dp, each replica on its own rows and slice of the pool.
   replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = StepShardings(cache.k.sharding, replicated, replicas=layout.data)
+  shardings = StepShardings(
+    cache.k.sharding, replicated, replicas=layout.data, replica_axis=layout.rules.batch
+  )
   started = time.perf_counter()
   with jax.set_mesh(mesh):  # the Pallas kernels split themselves over it
     lowered = model_step.lower(graphdef, state, cache, *jax.tree.map(spec, inputs), shardings)
