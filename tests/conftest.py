@@ -4,6 +4,9 @@ import pathlib
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The TPU compiles (libtpu, no chips) take libtpu's process lock; a second test run or a layout
+# explorer on this machine then fails to load it. Compiling only, there are no chips to share.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Eight fake CPU devices for the sharding tests, whatever else XLA_FLAGS already says.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
