@@ -1,6 +1,8 @@
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -98,10 +100,28 @@ def stage_models():
 
 
 @pytest.fixture(scope="session")
-def compilation_cache(tmp_path_factory):
-  """A JAX compilation cache for this test run's servers: the first compiles, later ones
-  load."""
-  return tmp_path_factory.mktemp("jax-cache")
+def compilation_cache():
+  """The JAX compilation cache of this test run: its servers', and this process's own (so a
+  step one of them compiled, the others load). scripts/test gives both of its pytest
+  processes one ($MESHSERVE_TEST_CACHE), so the slow cases load what the others compiled."""
+  return CACHE
+
+
+def _compilation_cache() -> pathlib.Path:
+  import tempfile
+
+  import jax
+
+  path = os.environ.get("MESHSERVE_TEST_CACHE")
+  if not path:  # this process's own, gone with it
+    path = tempfile.mkdtemp(prefix="meshserve-jax-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return pathlib.Path(path)
+
+
+CACHE = _compilation_cache()
 
 
 @pytest.fixture(scope="session")
