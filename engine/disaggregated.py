@@ -42,7 +42,7 @@ from meshserve.engine.config import EngineConfig
 from meshserve.engine.engine import Engine
 from meshserve.engine.handoff import Handoff
 from meshserve.engine.request import RequestState
-from meshserve.engine.transfer import HEADS, Offer, TransferServer, kv_head_shards
+from meshserve.engine.transfer import Offer, TransferServer, kv_head_shards
 from meshserve.models import ModelConfig
 
 _END = object()
@@ -329,8 +329,7 @@ class StageWorkerEngine(AsyncEngine):
         "kv-head shards (StageInfo.kv_shards)"
       )
     pages = -(-len(state.prompt_ids) // self.engine.config.page_size)
-    shape = runner.kv_shape(len(runner.page_list([0] * pages)))
-    want = (*shape[:HEADS], shape[HEADS] // self.kv_shards, *shape[HEADS + 1 :])
+    want = runner.packed.piece_shape(len(runner.page_list([0] * pages)), self.kv_shards)
     if tuple(ticket.piece_shape) != want:
       raise ValueError(
         f"handoff.piece_shape: {list(ticket.piece_shape)}, expected {list(want)} for "

@@ -21,7 +21,33 @@ import jax
 from meshserve.engine.api import Landed, RequestTiming, TransferError  # noqa: F401 - re-exported
 from meshserve.engine.request import RequestState
 
-# (sharding, shape) -> the packed KV [2, L, n, Z, K, D] in that sharding; may not be ready yet.
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PackedKV:
+  """The layout of a request's KV between two stages: one array [2, L, n, Z, K, D] (keys and
+  values, layers, n pages, page slots, kv heads, head dim), n a page bucket whose tail is
+  padding. A stage packs it from its pool's pages and unpacks it into its own; across
+  processes it travels cut along the kv heads, one piece per kv-head shard of the receiver."""
+
+  AXES = ("kv", "layers", "pages", "page_slots", "kv_heads", "head_dim")
+  KV_HEADS = AXES.index("kv_heads")
+
+  num_layers: int
+  page_size: int
+  kv_heads: int
+  head_dim: int
+
+  def shape(self, num_pages: int) -> tuple[int, ...]:
+    return (2, self.num_layers, num_pages, self.page_size, self.kv_heads, self.head_dim)
+
+  def piece_shape(self, num_pages: int, pieces: int) -> tuple[int, ...]:
+    """One of `pieces` equal cuts along the kv heads."""
+    shape = list(self.shape(num_pages))
+    shape[self.KV_HEADS] //= pieces
+    return tuple(shape)
+
+
+# (sharding, shape) -> the packed KV (PackedKV) in that sharding; may not be ready yet.
 KVFetch = Callable[[jax.sharding.Sharding, tuple[int, ...]], jax.Array]
 
 
@@ -31,7 +57,7 @@ class Handoff:
 
   request_id: str  # the prefill core's id: what `release` takes
   state: RequestState
-  kv: jax.Array  # packed [2, L, n, Z, K, D] on the prefill mesh, n a page bucket
+  kv: jax.Array  # PackedKV on the prefill mesh
   num_pages: int  # pages that hold the prompt (n >= num_pages; the rest is padding)
   timing: RequestTiming  # the prefill stage's queue and first-token times
   final = True

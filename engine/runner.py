@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.handoff import PackedKV
 from meshserve.engine.kv_manager import PageAllocator
 from meshserve.engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from meshserve.engine.scheduler import Chunk, Schedule
@@ -98,7 +99,7 @@ def _gather_pages(cache: KVCache, pages: jax.Array, out_sharding) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
 def _scatter_pages(cache: KVCache, kv: jax.Array, pages: jax.Array, out_sharding) -> KVCache:
-  """Writes packed KV [2, L, n, Z, K, D] into `pages` [n] of the (donated) pool."""
+  """Writes packed KV (PackedKV) into `pages` [n] of the (donated) pool."""
   cache = KVCache(k=cache.k.at[:, pages].set(kv[0]), v=cache.v.at[:, pages].set(kv[1]))
   return cache if out_sharding is None else jax.lax.with_sharding_constraint(cache, out_sharding)
 
@@ -108,7 +109,7 @@ class Runner:
   pool is split by the layout's rules and each step's rows are placed over `data`.
 
   `export_pages` and `import_pages` move a request's KV between two runners (the prefill and
-  decode stages) as a packed array [2, L, n, Z, K, D], n a page bucket: page numbers differ
+  decode stages) as a PackedKV array [2, L, n, Z, K, D], n a page bucket: page numbers differ
   between the pools, and so may the layouts. Padding entries of the page list are page 0, the
   sink, on both sides."""
 
@@ -149,9 +150,14 @@ class Runner:
     spec = self.shardings.cache.spec
     return NamedSharding(self.model.mesh, PartitionSpec(None, *spec))
 
+  @property
+  def packed(self) -> PackedKV:
+    """The layout this pool's pages travel in between stages."""
+    L, _, Z, K, D = self.cache.k.shape
+    return PackedKV(num_layers=L, page_size=Z, kv_heads=K, head_dim=D)
+
   def kv_shape(self, num_pages: int) -> tuple[int, ...]:
-    _, _, Z, K, D = self.cache.k.shape
-    return (2, self.model.config.num_layers, num_pages, Z, K, D)
+    return self.packed.shape(num_pages)
 
   def page_list(self, pages: list[int]) -> np.ndarray:
     """`pages` padded with the sink page to their bucket (the packed array's n)."""

@@ -24,9 +24,11 @@ import numpy as np
 from jax.experimental import transfer
 from jax.sharding import SingleDeviceSharding
 
+from meshserve.engine.handoff import PackedKV
+
 log = logging.getLogger(__name__)
 
-HEADS = 4  # the kv-heads axis of the packed KV [2, L, n, Z, K, D]
+HEADS = PackedKV.KV_HEADS  # the pieces' cut
 
 
 def kv_head_shards(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> int:
