@@ -271,9 +271,9 @@ class StageWorker(EngineClient, Protocol):
     cache_salt: str = "",
   ) -> AsyncIterator[RequestDelta | KVTicket]:
     """Prefill role: the first token's delta, then (unless that finished the request) a
-    ticket for the KV, held until `release` or until the stream is closed."""
+    ticket for the KV, held until `release_kv` or until the stream is closed."""
 
-  def release(self, ticket: KVTicket) -> None:
+  def release_kv(self, ticket: KVTicket) -> None:
     """Prefill role: the decode side has the KV; its pages here may go."""
 
   def decode(

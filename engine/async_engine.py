@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -35,6 +36,7 @@ from meshserve.engine.api import (  # noqa: F401 - re-exported
   EngineInfo,
   QueueFullError,
   RequestIdInUseError,
+  RequestTiming,
   Role,
   StageStats,
   new_request_id,
@@ -54,6 +56,10 @@ class _Stream:
   client_id: str
   loop: asyncio.AbstractEventLoop
   queue: asyncio.Queue  # RequestDelta, then nothing; or an exception
+  num_prompt_tokens: int
+
+
+_ABORTED = object()  # put in a stream's queue by `abort`: the stream ends there
 
 
 class AsyncEngine:
@@ -111,10 +117,15 @@ class AsyncEngine:
     """Ends the request streaming under the client id `request_id`: its stream's last delta
     has finish_reason "abort" and its pages are freed. False when no such request streams."""
     with self._lock:
-      internal = next((i for i, s in self._streams.items() if s.client_id == request_id), None)
-    if internal is None or self.core.error is not None:
+      found = next(((i, s) for i, s in self._streams.items() if s.client_id == request_id), None)
+    if found is None or self.core.error is not None:
       return False
-    self.core.abort(internal)
+    internal, stream = found
+    self.core.abort(internal)  # its pages go back at the core's next turn, wherever it is
+    # The stream ends here whatever the core reports (a request whose KV is still on its way
+    # reports nothing), and the consumer's loop hears it at once.
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is listening
+      stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _ABORTED)
     return True
 
   def encode(self, text: str) -> list[int]:
@@ -151,7 +162,7 @@ class AsyncEngine:
     internal = f"{request_id}#{next(self._ids)}"
     submit = functools.partial(self.core.add, internal, ids, params, arrival, cache_salt)
     output = OutputProcessor(self.tokenizer, params, arrival=arrival)
-    async for event in self._stream(internal, request_id, submit, output, deadline):
+    async for event in self._stream(internal, request_id, len(ids), submit, output, deadline):
       yield event
 
   async def resume(
@@ -171,7 +182,8 @@ class AsyncEngine:
     # The first token's text was shown by the prefill stage: it primes the detokenizer here.
     output = OutputProcessor(self.tokenizer, state.params, arrival=arrival,
                              output_ids=state.output_ids)  # fmt: skip
-    async for event in self._stream(internal, request_id, submit, output, deadline):
+    prompt = len(state.prompt_ids)
+    async for event in self._stream(internal, request_id, prompt, submit, output, deadline):
       yield event
 
   def release(self, handoff: Handoff) -> None:
@@ -181,11 +193,12 @@ class AsyncEngine:
       self.core.release(handoff.request_id)
 
   async def _stream(
-    self, internal: str, request_id: str, submit, output: OutputProcessor, deadline
-  ):
+    self, internal: str, request_id: str, num_prompt_tokens: int, submit,
+    output: OutputProcessor, deadline,
+  ):  # fmt: skip
     """The request's events as the consumer sees them: deltas with their text (made here, on
     the consumer's loop), ending at a stop string, whereupon the core aborts the request."""
-    stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue())
+    stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), num_prompt_tokens)
     self._open(internal, stream)
     finished = False
     try:
@@ -199,6 +212,12 @@ class AsyncEngine:
           raise item
         if isinstance(item, StageFailed):
           raise item.error
+        if item is _ABORTED:
+          item = RequestDelta(
+            request_id=stream.client_id, new_token_ids=[], new_text="", new_logprobs=None,
+            finish_reason="abort", num_prompt_tokens=num_prompt_tokens, num_output_tokens=0,
+            num_cached_tokens=0, timing=RequestTiming(),
+          )  # fmt: skip
         if isinstance(item, RequestDelta):
           item = output.process(dataclasses.replace(item, request_id=stream.client_id))
           if item is None:  # the core ran past a stop string, and its abort is on the way

@@ -231,7 +231,7 @@ class EngineCore:
     for m in [m for m in self._imports if now - m.arrival > self.import_timeout]:
       self._imports.remove(m)  # the pool stayed full: the prefill side may be holding on
       self._fail(m.request_id, TimeoutError(f"no free pages in {self.import_timeout:g}s"), events)
-    while self._imports and len(engine.scheduler.running) + len(engine.reserved) < (
+    while self._imports and len(engine.scheduler.running) + len(engine.scheduler.reserved) < (
       engine.config.max_batch
     ):  # a batch slot for each: a landed import goes straight into the batch
       m = self._imports[0]
@@ -290,7 +290,7 @@ class EngineCore:
     self._imports.clear()
     self._moving.clear()
     engine = self.engine
-    for request_id in [*engine.requests, *engine.pinned, *engine.reserved]:
+    for request_id in [*engine.requests, *engine.pinned, *engine.scheduler.reserved]:
       self._abort(request_id, events)
 
   def _read_stats(self) -> dict:

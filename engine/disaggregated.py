@@ -46,6 +46,17 @@ from meshserve.engine.transfer import Offer, TransferServer, kv_head_shards
 from meshserve.models import ModelConfig
 
 _END = object()
+_ABORTED = object()  # put in a request's queue by `abort`
+
+
+def _aborted(request_id: str, last: RequestDelta | None) -> RequestDelta:
+  """The last delta of an aborted request, counting what its stream has shown."""
+  return RequestDelta(
+    request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None,
+    finish_reason="abort", num_prompt_tokens=last.num_prompt_tokens if last else 0,
+    num_output_tokens=last.num_output_tokens if last else 0,
+    num_cached_tokens=last.num_cached_tokens if last else 0, timing=RequestTiming(),
+  )  # fmt: skip
 
 
 class DisaggregatedEngine:
@@ -71,7 +82,8 @@ class DisaggregatedEngine:
     self.prefill = AsyncEngine(prefill, max_queue=max_queue, **kw)
     self.decode = AsyncEngine(decode, **kw)
     self.tokenizer = self.prefill.tokenizer
-    self._client_ids: set[str] = set()  # in flight in either stage
+    # In flight in either stage, by client id: its task (both stages) and its stream's queue.
+    self._pumps: dict[str, tuple[asyncio.Task, asyncio.Queue]] = {}
     self.ready = threading.Event()  # set once both stages are warm (or one has failed)
     threading.Thread(target=self._wait_ready, name="meshserve-stages-ready", daemon=True).start()
 
@@ -91,11 +103,17 @@ class DisaggregatedEngine:
     return engine_info(models, self.config, self.max_queue)
 
   async def abort(self, request_id: str) -> bool:
-    """Ends the request streaming under `request_id`, in whichever stage it is."""
-    if request_id not in self._client_ids:
+    """Ends the request streaming under `request_id`, in whichever stage it is (or between
+    them): its stream's last delta has finish_reason "abort"; both stages free its pages."""
+    pump = self._pumps.get(request_id)
+    if pump is None:
       return False
-    aborted = [await stage.abort(request_id) for stage in (self.prefill, self.decode)]
-    return any(aborted)
+    task, queue = pump
+    loop = task.get_loop()
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is listening
+      loop.call_soon_threadsafe(queue.put_nowait, _ABORTED)
+      loop.call_soon_threadsafe(task.cancel)  # closes whichever stage streams: pages freed
+    return True
 
   @property
   def model_config(self) -> ModelConfig:
@@ -121,21 +139,26 @@ class DisaggregatedEngine:
     cache_salt: str = "",
   ) -> AsyncIterator[RequestDelta]:
     """As AsyncEngine.generate; the last delta's timing has the KV's transfer time."""
-    if request_id in self._client_ids:
+    if request_id in self._pumps:
       raise RequestIdInUseError(f"request_id: {request_id!r} is already in flight")
     request_id = request_id or new_request_id()  # one id across both stages
-    self._client_ids.add(request_id)
     # The stages run in a task of their own, so the KV moves on as soon as the first token is
     # out, however slowly the caller reads.
     queue: asyncio.Queue = asyncio.Queue()
     task = asyncio.create_task(self._pump(prompt, params, request_id, deadline, cache_salt, queue))
+    self._pumps[request_id] = (task, queue)
+    last = None
     try:
       while (item := await queue.get()) is not _END:
         if isinstance(item, BaseException):
           raise item
+        if item is _ABORTED:
+          yield _aborted(request_id, last)
+          return
+        last = item
         yield item
     finally:
-      self._client_ids.discard(request_id)
+      self._pumps.pop(request_id, None)
       task.cancel()  # a no-op once it is done; else its stages abort and free their pages
       with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -261,7 +284,7 @@ class StageWorkerEngine(AsyncEngine):
   ) -> AsyncIterator[RequestDelta | KVTicket]:
     if kv_shards < 1:
       raise ValueError(f"kv_shards: must be positive, got {kv_shards}")
-    handoff = ticket = None
+    handoff = key = None
     stream = self.generate(prompt_ids, params, request_id, deadline=deadline, cache_salt=cache_salt)
     try:
       async with contextlib.aclosing(stream):
@@ -273,11 +296,11 @@ class StageWorkerEngine(AsyncEngine):
       if handoff is None:  # the first token finished the request
         return
       offer = self.transfers.offer(handoff.kv, kv_shards)  # dispatches only: no wait
-      ticket = self._ticket(handoff, offer)
-      self._held[offer.transfer_id] = [handoff, offer]
-      yield ticket
+      key = offer.transfer_id
+      self._held[key] = [handoff, offer]  # from here on, an offer to withdraw unless pulled
+      yield self._ticket(handoff, offer)
     finally:
-      held = self._held.pop(ticket.transfer_id, None) if ticket is not None else None
+      held = None if key is None else self._held.pop(key, None)
       if handoff is not None:
         self.release(handoff)
       if held is not None and held[1] is not None:  # never pulled: let the pieces go

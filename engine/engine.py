@@ -78,7 +78,6 @@ class Engine:
     self.last_step: StepStats | None = None
     self.pinned: dict[str, Request] = {}  # prefill: handed off, pages held until release
     self._handoffs: list[Request] = []  # prefill: reached their first token this step
-    self.reserved = self.scheduler.reserved  # decode: id -> tokens its reserved pages hold
 
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
@@ -160,8 +159,10 @@ class Engine:
   def abort(self, request_id: str) -> RequestDelta | None:
     """Stops a request and frees its pages at once, wherever it is (pinned after a hand-off
     and reserved for one included); its last delta, or None if it was not running."""
-    if self.pinned.pop(request_id, None) or self.reserved.pop(request_id, None) is not None:
+    if self.pinned.pop(request_id, None) is not None:
       self.allocator.free(request_id)
+      return None
+    if self.scheduler.unreserve(request_id):
       return None
     request = self.requests.pop(request_id, None)
     if request is None:
@@ -193,18 +194,14 @@ class Engine:
     """Decode: the pages to write the KV of a request's `num_tokens` prompt tokens into, or
     None while the pool has too few free. One more token's room is reserved too, for its first
     decode step. Nothing runs in them until `admit`; `abort` returns them."""
-    if request_id in self.requests or request_id in self.reserved:
+    if request_id in self.requests or request_id in self.scheduler.reserved:
       raise ValueError(f"request_id: {request_id!r} is already in use")
-    pages = self.allocator.allocate(request_id, num_tokens + 1)
-    if pages is None:
-      self.allocator.free(request_id)  # allocate left an empty table behind
-      return None
-    self.reserved[request_id] = num_tokens
-    return list(pages[: -(-num_tokens // self.config.page_size)])
+    pages = self.scheduler.reserve(request_id, num_tokens)
+    return None if pages is None else pages[: -(-num_tokens // self.config.page_size)]
 
   def admit(self, request_id: str, state: RequestState, *, arrival: float | None = None) -> None:
     """Decode: continues a request whose prompt KV is now in its reserved pages."""
-    num_tokens = self.reserved.pop(request_id)
+    num_tokens = self.scheduler.reserved[request_id]
     if num_tokens != len(state.prompt_ids):
       raise ValueError(f"state: {len(state.prompt_ids)} prompt tokens, {num_tokens} reserved")
     request = state.resume(request_id)
@@ -212,10 +209,7 @@ class Engine:
       request.arrival = arrival
     request.scheduled_at = time.perf_counter()
     self.requests[request_id] = request
-    # Straight into the batch (the core imports only while a batch slot is free): a waiting
-    # request must hold no pages, or a preemption could leave the queue's head waiting forever
-    # for pages that requests behind it hold.
-    self.scheduler.running.append(request)
+    self.scheduler.attach(request)  # straight into the batch: the core keeps it a slot
 
   def step(self) -> list[RequestDelta]:
     """Runs one step; returns a delta for every request that produced a token or ended."""
@@ -223,13 +217,8 @@ class Engine:
     schedule = self.scheduler.schedule()
     if schedule.empty:
       return []
-    results = self.runner.execute(schedule, self.allocator)
-    for chunk in schedule.prefills + schedule.decodes:
-      request = chunk.request
-      request.num_computed += chunk.length
-      self.allocator.commit(
-        request.request_id, request.token_ids, request.num_computed, salt=request.cache_salt
-      )
+    results = self.runner.execute(schedule)
+    self.scheduler.update(schedule)
     outputs = []
     for chunk, sampled in results:
       request = chunk.request
@@ -238,7 +227,7 @@ class Engine:
         self.scheduler.remove(request)
         del self.requests[request.request_id]
       elif self.role == "prefill":  # leaves the batch, its pages pinned for the hand-off
-        self.scheduler.running.remove(request)
+        self.scheduler.detach(request)
         del self.requests[request.request_id]
         self.pinned[request.request_id] = request
         self._handoffs.append(request)
@@ -263,7 +252,7 @@ class Engine:
       steps=self.num_steps,
       compilations=self.runner.num_compiles,
       pinned=len(self.pinned),
-      reserved=len(self.reserved),
+      reserved=len(self.scheduler.reserved),
     )
 
   def _append(self, request: Request, sampled) -> None:

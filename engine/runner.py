@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from meshserve.engine.config import EngineConfig, bucket
 from meshserve.engine.handoff import PackedKV
-from meshserve.engine.kv_manager import PageAllocator
 from meshserve.engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
 from meshserve.engine.scheduler import Chunk, Schedule
 from meshserve.models import KVCache, Model, precision
@@ -262,15 +261,16 @@ class Runner:
     )
     return jax.device_get((sampled, logits)) if return_logits else jax.device_get(sampled)
 
-  def execute(self, schedule: Schedule, allocator: PageAllocator) -> list[tuple[Chunk, Sampled]]:
-    """Runs a scheduled step; returns each completing chunk with its sampled row (numpy)."""
+  def execute(self, schedule: Schedule) -> list[tuple[Chunk, Sampled]]:
+    """Runs a scheduled step (each chunk carries its page table); returns each completing
+    chunk with its sampled row (numpy)."""
     calls = []
     if schedule.prefills:
-      calls.append((schedule.prefills, self._inputs(schedule.prefills, allocator, prefill=True)))
+      calls.append((schedule.prefills, self._inputs(schedule.prefills, prefill=True)))
     if schedule.decodes:
       # Longest first: decode attention walks groups of rows only as far as they reach.
       decodes = sorted(schedule.decodes, key=lambda c: -c.start)
-      calls.append((decodes, self._inputs(decodes, allocator, prefill=False)))
+      calls.append((decodes, self._inputs(decodes, prefill=False)))
     dispatched = [self._dispatch(*inputs)[0] for _, (inputs, _) in calls]
     self.last_shapes = tuple((*inputs[0].shape, inputs[2].shape[1]) for _, (inputs, _) in calls)
     results = []
@@ -292,14 +292,14 @@ class Runner:
     end = chunk.start + chunk.length
     return [(s, min(segment, end - s)) for s in range(chunk.start, end, segment)]
 
-  def _rows(self, pieces: list[list[tuple[int, int]]], chunks, allocator, prefill: bool):
+  def _rows(self, pieces: list[list[tuple[int, int]]], chunks, prefill: bool):
     """The batch row of every piece, and how many rows the call needs: in order with one pool;
     with replicas, replica r's pieces fill rows from r * B / replicas on (B = replicas times
     the busiest replica's count, then bucketed)."""
     if self.replicas == 1:
       rows = itertools.count()
       return [[next(rows) for _ in p] for p in pieces], sum(map(len, pieces))
-    replica = [allocator.replica_of(c.request.request_id) for c in chunks]
+    replica = [c.replica for c in chunks]
     counts = collections.Counter()
     for r, p in zip(replica, pieces, strict=True):
       counts[r] += len(p)
@@ -318,12 +318,12 @@ class Runner:
       seen[r] += len(p)
     return rows, n
 
-  def _inputs(self, chunks: list[Chunk], allocator: PageAllocator, *, prefill: bool):
+  def _inputs(self, chunks: list[Chunk], *, prefill: bool):
     """The host arrays of one call over `chunks`, and the row each chunk samples from (its
     last)."""
-    tables = [allocator.table(c.request.request_id) for c in chunks]
+    tables = [c.pages for c in chunks]
     pieces = [self._pieces(c, prefill) for c in chunks]
-    rows, n = self._rows(pieces, chunks, allocator, prefill)
+    rows, n = self._rows(pieces, chunks, prefill)
     lengths, pages = [c.length for c in chunks], [len(t) for t in tables]
     B, T, P = self.config.step_shape(lengths, pages, prefill=prefill, rows=n)
     tokens = np.zeros((B, T), np.int32)

@@ -32,11 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Chunk:
-  """Tokens [start, start + length) of a request, computed this step."""
+  """Tokens [start, start + length) of a request, computed this step, and where its KV lives:
+  its page table and pool replica as the step leaves them (the runner reads nothing else)."""
 
   request: Request
   start: int
   length: int
+  pages: tuple[int, ...] = ()
+  replica: int = 0
 
   @property
   def completes(self) -> bool:
@@ -68,6 +71,46 @@ class Scheduler:
 
   def add(self, request: Request) -> None:
     self.waiting.append(request)
+
+  def update(self, schedule: Schedule) -> None:
+    """Applies an executed step: each chunk's tokens now have their KV in the pool (full pages
+    go to the prefix cache)."""
+    for chunk in schedule.prefills + schedule.decodes:
+      request = chunk.request
+      request.num_computed += chunk.length
+      self.allocator.commit(
+        request.request_id, request.token_ids, request.num_computed, salt=request.cache_salt
+      )
+
+  def detach(self, request: Request) -> None:
+    """Prefill stage: the request leaves the batch, its pages kept (pinned for a hand-off)."""
+    self.running.remove(request)
+
+  def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    """Decode stage: pages for `num_tokens` tokens of KV coming from elsewhere, plus one more
+    token's room for the first decode step; None while the pool has too few free. The
+    request keeps a batch slot from here on."""
+    pages = self.allocator.allocate(request_id, num_tokens + 1)
+    if pages is None:
+      self.allocator.free(request_id)  # allocate left an empty table behind
+      return None
+    self.reserved[request_id] = num_tokens
+    return list(pages)
+
+  def attach(self, request: Request) -> int:
+    """Decode stage: a reserved request whose KV has landed joins the batch at once (a waiting
+    request must hold no pages, or a preemption could leave the queue's head waiting forever
+    for pages that requests behind it hold). Returns the tokens reserved for."""
+    num_tokens = self.reserved.pop(request.request_id)
+    self.running.append(request)
+    return num_tokens
+
+  def unreserve(self, request_id: str) -> bool:
+    """Returns a reservation's pages (its import was aborted or failed)."""
+    if self.reserved.pop(request_id, None) is None:
+      return False
+    self.allocator.free(request_id)
+    return True
 
   def remove(self, request: Request) -> None:
     """Drops a finished or aborted request and returns its pages at once."""
@@ -193,6 +236,13 @@ class Scheduler:
       if request.scheduled_at is None:
         request.scheduled_at = time.perf_counter()
       take(request, length)
+    table = self.allocator.table
+    for chunks in (out.prefills, out.decodes):
+      chunks[:] = [
+        dataclasses.replace(c, pages=tuple(table(c.request.request_id)),
+                            replica=replica_of(c.request.request_id))
+        for c in chunks
+      ]  # fmt: skip
     return out
 
   def _prefill_width(self) -> int:

@@ -33,13 +33,15 @@ class Topology:
     self.mode = mode
     self.servers = [
       Server(*serve_args, *(f.format(**fill) for f in flags), port=port, cache=None,
-             engine_flags=(), log=pathlib.Path(log_dir) / f"{mode}-{i}.log")
+             engine_flags=(), platform=None, log=pathlib.Path(log_dir) / f"{mode}-{i}.log")
       for i, (flags, port) in enumerate(zip(processes, ports, strict=True))
     ]  # fmt: skip
     self.address = self.servers[-1].address
 
   def wait_serving(self, timeout: float = 1800.0) -> None:
-    self.servers[-1].wait_serving(timeout)
+    """Each process in turn (the workers, then the endpoint): one that exits fails it."""
+    for server in self.servers:
+      server.wait_serving(timeout)
 
   def stop(self) -> None:
     for server in reversed(self.servers):

@@ -72,10 +72,12 @@ class Server:
     port: int | None = None,
     engine_flags: tuple[str, ...] = ENGINE_FLAGS,
     entry: tuple[str, ...] = ("-m", "meshserve.server.cli"),
+    platform: str | None = "cpu",
   ):
     """cache: the JAX compilation cache directory (a test run's own, never the user's; None:
     the server's default). engine_flags: the engine's shape (a benchmark passes its own).
-    entry: what the interpreter runs, with the CLI's arguments after it."""
+    entry: what the interpreter runs, with the CLI's arguments after it. platform: the
+    server's JAX_PLATFORMS (None: this process's environment decides, as for a benchmark)."""
     self.port, self.metrics_port = port or free_port(), free_port()
     self.address = f"127.0.0.1:{self.port}"
     self.log = log
@@ -84,11 +86,12 @@ class Server:
       "--port", str(self.port), "--metrics-port", str(self.metrics_port),
       *(() if cache is None else ("--compilation-cache", str(cache))), *engine_flags, *flags,
     ]  # fmt: skip
+    environment = dict(os.environ, **({} if platform is None else {"JAX_PLATFORMS": platform}))
+    environment.update(env or {})
     self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
     self.proc = subprocess.Popen(
-      argv, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
-    )  # fmt: skip
+      argv, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT, env=environment
+    )
 
   def channel(self, credentials: grpc.ChannelCredentials | None = None, **kw) -> grpc.Channel:
     if credentials is None:

@@ -356,6 +356,45 @@ def test_an_import_that_never_gets_pages_fails_in_bounded_time(model):
     engine.shutdown(30)
 
 
+def test_abort_ends_a_stream_wherever_its_request_is(model):
+  """`abort` ends the stream with finish_reason "abort" and frees the pages: a running
+  request, and a decode import whose KV is still on its way (the core reports nothing for
+  it: the stream ends all the same)."""
+  engine = AsyncEngine(Engine(model, CONFIG))
+  decode = AsyncEngine(Engine(model, CONFIG, role="decode"))
+  state = RequestState(list(range(100, 140)), [5], SamplingParams(max_tokens=8), seed=1)
+
+  async def running():
+    deltas = []
+    async for delta in engine.generate("Tell me a story.", PARAMS, "r1"):
+      if not deltas:  # it runs: abort it
+        assert await engine.abort("r1")
+      deltas.append(delta)
+    return deltas[-1]
+
+  async def moving():
+    stream = decode.resume(state, lambda sharding, shape: _NeverLands(), "r2")
+    aborted = asyncio.get_running_loop().call_later(0.3, asyncio.ensure_future, decode.abort("r2"))
+    deltas = [d async for d in stream]
+    aborted.cancel()
+    return deltas[-1]
+
+  async def main():
+    last = await asyncio.wait_for(running(), 60)
+    assert last.finish_reason == "abort" and 0 < last.num_output_tokens < PARAMS.max_tokens
+    assert not await engine.abort("r1")  # nothing streams under it now
+    last = await asyncio.wait_for(moving(), 60)
+    assert last.finish_reason == "abort" and last.num_output_tokens == 1
+    await all_pages_back(engine)
+    await all_pages_back(decode)
+
+  try:
+    asyncio.run(main())
+  finally:
+    engine.shutdown(30)
+    decode.shutdown(30)
+
+
 def test_a_client_that_stops_reading_is_cut_off_and_its_pages_freed(model, tmp_path):
   """A Generate stream whose client reads nothing (its HTTP/2 window kept at 1 KiB) blocks
   the server's writes; after the slow-reader timeout the request is cancelled, its pages come

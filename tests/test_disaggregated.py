@@ -141,6 +141,27 @@ def test_a_client_id_stays_taken_across_both_stages(make):
   asyncio.run(every_page_back(engine))
 
 
+def test_abort_between_or_in_the_stages_ends_the_stream_and_frees_both(make):
+  """`abort` after the first token (the request on its way to, or in, the decode stage) ends
+  the stream with finish_reason "abort", and both stages get every page back."""
+  engine = make()
+
+  async def main():
+    stream = engine.generate("Count to ten:", SamplingParams(max_tokens=30, ignore_eos=True), "a")
+    first = await anext(stream)
+    assert await engine.abort("a")
+    rest = [d async for d in stream]
+    assert not await engine.abort("a")
+    return first, rest
+
+  first, rest = asyncio.run(main())
+  assert rest and rest[-1].finish_reason == "abort"
+  assert rest[-1].num_output_tokens == first.num_output_tokens + sum(
+    len(d.new_token_ids) for d in rest
+  )
+  asyncio.run(every_page_back(engine))
+
+
 @jax.jit
 def _slow(kv):
   """kv, unchanged, after ~0.1 s of device work: a transfer still in flight."""

@@ -112,7 +112,7 @@ def test_chunked_prefill_runs_beside_decodes(family, alone):
   llm = LLM(family, config)
   steps = []
   execute = llm.engine.runner.execute
-  llm.engine.runner.execute = lambda s, a: (steps.append(s), execute(s, a))[1]
+  llm.engine.runner.execute = lambda s: (steps.append(s), execute(s))[1]
   ids = family.tokenizer.encode(TEXT)
   short, long = ids[:10], ids[20:150]  # 130 tokens: three chunks under a budget of 48
   params = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -148,8 +148,8 @@ def test_segmented_prefill_matches_a_row_per_chunk(model):
     shapes = []
     execute = llm.engine.runner.execute
 
-    def record(schedule, allocator, execute=execute, llm=llm, shapes=shapes):
-      out = execute(schedule, allocator)
+    def record(schedule, execute=execute, llm=llm, shapes=shapes):
+      out = execute(schedule)
       if schedule.prefills:
         B, T, _ = llm.engine.runner.last_shapes[0]
         shapes.append((B * T, sum(c.length for c in schedule.prefills)))
