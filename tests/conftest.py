@@ -100,28 +100,32 @@ def stage_models():
 
 
 @pytest.fixture(scope="session")
-def compilation_cache():
-  """The JAX compilation cache of this test run: its servers', and this process's own (so a
-  step one of them compiled, the others load). scripts/test gives both of its pytest
-  processes one ($MESHSERVE_TEST_CACHE), so the slow cases load what the others compiled."""
+def compilation_cache() -> pathlib.Path:
+  """The JAX compilation cache of this test run: its servers' and CLI runs', and this
+  process's own, so a step one of them compiled the others load."""
   return CACHE
 
 
-def _compilation_cache() -> pathlib.Path:
+def _cache_root() -> pathlib.Path:
+  """What meshserve caches, for this test run only ($MESHSERVE_CACHE of every process it
+  starts): the JAX compilation cache and the CPU kernel it builds. scripts/test gives both of
+  its pytest processes one ($MESHSERVE_TEST_CACHE), so the slow cases load what the others
+  compiled; never the user's ~/.cache/meshserve."""
   import tempfile
 
   import jax
 
-  path = os.environ.get("MESHSERVE_TEST_CACHE")
-  if not path:  # this process's own, gone with it
-    path = tempfile.mkdtemp(prefix="meshserve-jax-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-  jax.config.update("jax_compilation_cache_dir", path)
+  root = os.environ.get("MESHSERVE_TEST_CACHE")
+  if not root:  # this process's own, gone with it
+    root = tempfile.mkdtemp(prefix="meshserve-test-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+  os.environ["MESHSERVE_CACHE"] = root
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(root) / "jax"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return pathlib.Path(path)
+  return pathlib.Path(root) / "jax"
 
 
-CACHE = _compilation_cache()
+CACHE = _cache_root()
 
 
 @pytest.fixture(scope="session")

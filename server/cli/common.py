@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 
+log = logging.getLogger("meshserve")
 DTYPES = ("float32", "bfloat16")
 # --model defaults to models.DEFAULT_MODEL, looked up only by the commands that load a model:
 # importing `models` imports jax, which `meshserve client` and a router do not need.
@@ -37,6 +39,23 @@ def values(args: argparse.Namespace, owner, names) -> dict:
   """The parsed flags of `names`, as keyword arguments of `owner`."""
   fields = {f.name for f in dataclasses.fields(owner)}
   return {name: getattr(args, name) for name in names if name in fields}
+
+
+def add_cache_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--compilation-cache", default=None,
+    help="persistent JAX compilation cache dir (default $MESHSERVE_CACHE/jax, else "
+    "~/.cache/meshserve/jax; '' = off): a second run loads its compiled steps",
+  )  # fmt: skip
+
+
+def enable_cache(args: argparse.Namespace) -> None:
+  if args.compilation_cache != "":
+    from meshserve.engine import api
+
+    log.info(
+      "persistent compilation cache: %s", api.enable_compilation_cache(args.compilation_cache)
+    )
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,10 @@ import sys
 from meshserve.engine.api import SamplingParams
 from meshserve.server.cli.common import (
   MODEL_HELP,
+  add_cache_flag,
   add_device_flags,
   add_dtype_flag,
+  enable_cache,
   field_flags,
   model_name,
   values,
@@ -42,6 +44,7 @@ def add_parser(sub) -> None:
   p.add_argument(
     "--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)"
   )
+  add_cache_flag(p)
   add_dtype_flag(p)
   add_device_flags(p)
   p.set_defaults(func=run)
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
   )
   if not args.prompt.strip():
     raise ValueError("--prompt: the prompt is empty")
+  enable_cache(args)
   llm = LLM(load_model(model_name(args), layout=args.layout, dtype=args.dtype))
 
   def show(_, text: str) -> None:

@@ -9,6 +9,7 @@ import pathlib
 from meshserve.engine.api import EngineConfig
 from meshserve.server.cli.common import (
   MODEL_HELP,
+  add_cache_flag,
   add_device_flags,
   add_dtype_flag,
   field_flags,
@@ -59,10 +60,7 @@ def add_parser(sub) -> None:
   field_flags(p, EngineConfig, ENGINE_FLAGS)
   for name, help_text in FILES.items():
     p.add_argument(f"--{name.replace('_', '-')}", type=pathlib.Path, default=None, help=help_text)
-  p.add_argument(
-    "--compilation-cache", default=None,
-    help="persistent JAX compilation cache dir (default ~/.cache/meshserve/jax; '' = off)",
-  )  # fmt: skip
+  add_cache_flag(p)
   p.add_argument(
     "--no-warmup", action="store_true", help="skip compiling every step shape before SERVING"
   )
