@@ -20,6 +20,7 @@ def test_pallas_logits_match_reference(pallas_model, golden):
   assert np.abs(logits[-1] - case["last_logits"]).max() <= 1e-3
 
 
+@pytest.mark.slow  # default: the kernels against their references, pallas logits
 def test_pallas_generation_reproduces_golden_greedy(pallas_model, golden):
   """Prefill through flash_attention (a row per prompt, as on TPU), decode through
   ragged_paged_attention over the pool."""

@@ -58,6 +58,7 @@ def _prompts(model, n: int, seed: int = 0) -> list[list[int]]:
   return out
 
 
+@pytest.mark.slow  # 48 prompts, each also run alone; the golden tests cover the default run
 def test_batch_invariance_greedy(big, alone, family):
   prompts = _prompts(family, 48)
   params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -67,6 +68,7 @@ def test_batch_invariance_greedy(big, alone, family):
     assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
+@pytest.mark.slow  # 48 prompts, each also run alone; the golden tests cover the default run
 def test_batch_invariance_seeded(big, alone, family):
   prompts = _prompts(family, 48, seed=1)
   params = [
@@ -78,6 +80,7 @@ def test_batch_invariance_seeded(big, alone, family):
     assert out.token_ids == alone(prompt, p).token_ids
 
 
+@pytest.mark.slow  # default: test_scheduler preempts, test_disaggregated recomputes
 def test_preemption_keeps_every_output(family, alone):
   """8 requests growing to 5 pages each in a pool of 16: some are preempted and recomputed."""
   config = EngineConfig(num_pages=17, max_model_len=128, max_batch=8, prefix_caching=False)
@@ -216,6 +219,7 @@ def test_penalties_change_the_output(llm, golden):
   assert counts.max() <= np.bincount(plain.token_ids).max()
 
 
+@pytest.mark.slow  # default: test_async_engine cancels at random points
 def test_random_adds_and_aborts_lose_nothing(family, alone):
   """Requests arrive and are aborted at random steps in a small pool; the ones that finish get
   what they get alone, and every page comes back."""

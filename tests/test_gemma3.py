@@ -110,6 +110,7 @@ def test_a_window_shorter_than_the_context_is_honoured_by_every_path(gemma, atte
     assert_greedy_equal(small, prompt, expected, out.token_ids)
 
 
+@pytest.mark.slow  # default: Gemma 3 greedy in-process; the CLI in test_cli
 def test_cli_generate_continues_the_prompt(gemma_golden):
   """The command of the issue, as a user runs it: the reference's greedy words come out."""
   command = [sys.executable, "-m", "meshserve.server.cli", "generate", "--model", "gemma3-270m"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
 WORKER = pathlib.Path(__file__).parent / "multihost_worker.py"
@@ -62,6 +63,7 @@ def _run_two(argv_of, tmp_path: pathlib.Path) -> list[tuple[str, str]]:
   return texts
 
 
+@pytest.mark.slow  # two processes each; default: test_sharding on one
 def test_forward_tp8_over_two_processes(model, golden, tmp_path):
   # tp=8 over 2 x 4 devices: every all-reduce crosses the process boundary.
   outs = [tmp_path / f"process{i}.npz" for i in range(2)]
@@ -78,6 +80,7 @@ def test_forward_tp8_over_two_processes(model, golden, tmp_path):
       np.testing.assert_array_equal(got[str(i)].argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow  # two processes each; default: test_sharding on one
 def test_generate_cli_over_two_processes(golden, tmp_path):
   case = golden.case(0)
   logs = _run_two(

@@ -294,6 +294,7 @@ async def _enumerate(aiter):
     k += 1
 
 
+@pytest.mark.slow  # default: 50 random cancels over the same server
 def test_64_concurrent_streams_complete_correctly(server, stub, offline, model):
   rng = np.random.default_rng(1)
   prompts = [rng.integers(100, 40000, size=rng.integers(4, 40)).tolist() for _ in range(64)]
@@ -357,6 +358,7 @@ def test_client_command_streams_from_the_server(server):
   assert "Paris" in proc.stdout and "finish_reason=" in proc.stderr
 
 
+@pytest.mark.slow  # default: test_benchmark_serving on a fake server
 def test_benchmark_serving_never_compiles_and_compares_offline(server, stub, model, tmp_path):
   bench = _load_script("benchmark_serving")
   out = tmp_path / "bench.json"

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _meshserve(*args: str) -> subprocess.CompletedProcess:
   # No XLA_FLAGS from conftest: --cpu-devices alone must provide the devices.
@@ -14,6 +16,7 @@ def _meshserve(*args: str) -> subprocess.CompletedProcess:
   )  # fmt: skip
 
 
+@pytest.mark.slow  # default: Orbax round trip in test_sharding
 def test_convert_then_generate_sharded(golden, tmp_path):
   dst = tmp_path / "smollm2"
   conv = _meshserve("convert", "smollm2-135m-instruct", str(dst))
