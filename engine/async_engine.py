@@ -44,7 +44,7 @@ from meshserve.engine.api import (  # noqa: F401 - re-exported
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.core import EngineCore, EngineDeadError
 from meshserve.engine.engine import Engine
-from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed
+from meshserve.engine.handoff import CoreEvent, Handoff, KVFetch, Landed, StageFailed
 from meshserve.engine.output import OutputProcessor, RequestDelta
 from meshserve.engine.request import RequestState
 from meshserve.engine.sampling import SamplingParams
@@ -275,8 +275,9 @@ class AsyncEngine:
       self._streams[internal] = stream
       self._client_ids.add(stream.client_id)
 
-  def _on_deltas(self, deltas: list[RequestDelta]) -> None:
-    """Core thread: one call_soon_threadsafe per event loop, whatever the batch size."""
+  def _on_deltas(self, deltas: list[CoreEvent]) -> None:
+    """Core thread: every event the core reports, routed to its stream; one
+    call_soon_threadsafe per event loop, whatever the batch size."""
     by_loop = collections.defaultdict(list)
     with self._lock:
       for event in deltas:

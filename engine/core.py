@@ -11,24 +11,21 @@ A prefill-role core also hands each request off after its first token (a `Handof
 KV export dispatched in the same turn) and frees its pinned pages on `release`. A decode-role
 core also takes `import_request`: it reserves pages (in arrival order, as the pool allows),
 starts the KV fetch, keeps stepping while it runs, and admits the request once it has landed.
+Both are the core's `stage` (meshserve.engine.handoff); the loop only calls it.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
-
-import jax
 
 from meshserve.engine.api import EngineDeadError
 from meshserve.engine.engine import Engine
-from meshserve.engine.handoff import Handoff, KVFetch, Landed, StageFailed, TransferError
+from meshserve.engine.handoff import STAGES, CoreEvent, Import, KVFetch, StageFailed
 from meshserve.engine.request import RequestState
 from meshserve.engine.sampling import SamplingParams
 
@@ -54,17 +51,6 @@ class _Release:
   request_id: str
 
 
-@dataclasses.dataclass(slots=True)
-class _Import:
-  request_id: str
-  state: RequestState
-  fetch: KVFetch
-  arrival: float
-  pages: list[int] | None = None  # once reserved
-  kv: jax.Array | None = None  # once fetching
-  started: float = 0.0  # when the fetch started
-
-
 _STOP = object()
 
 
@@ -74,7 +60,7 @@ class EngineCore:
   def __init__(
     self,
     engine: Engine,
-    on_deltas: Callable[[list], None],
+    on_deltas: Callable[[list[CoreEvent]], None],
     on_dead: Callable[[EngineDeadError], None],
     *,
     warmup: bool = False,
@@ -87,17 +73,8 @@ class EngineCore:
     self.error: EngineDeadError | None = None
     self.ready = threading.Event()  # set once warm-up is done and the loop runs
     self._stopping = threading.Event()  # cuts a warm-up short
-    self._imports: collections.deque[_Import] = collections.deque()  # waiting for pages
-    self._moving: dict[str, _Import] = {}  # reserved, KV on its way
-    self.transfer_timeout = 60.0  # seconds a started KV fetch may take before it fails
-    # Seconds an import may wait for pages before it fails: less than a prefill worker holds
-    # its KV for (--handoff-timeout, 30 s), so the decode side gives up first, with a clear
-    # error, rather than pull an offer already withdrawn.
-    self.import_timeout = 20.0
+    self.stage = STAGES[engine.role](engine)  # what its role adds: hand-offs, imports
     self._stalled = False  # the last turn had requests but could schedule none of them
-    self.transfers = dict(
-      kv_transfers=0, kv_transfer_bytes=0, kv_transfer_seconds=0.0, kv_transfers_cancelled=0
-    )
     self._stats = self._read_stats()  # replaced, never mutated: readers need no lock
     self._thread = threading.Thread(
       target=self._run, args=(warmup,), name="meshserve-engine-core", daemon=True
@@ -132,7 +109,7 @@ class EngineCore:
     """Decode role: continues a request prefilled elsewhere, its KV brought in by `fetch`."""
     if self.error is not None:
       raise EngineDeadError(str(self.error))
-    self._inbox.put(_Import(request_id, state, fetch, arrival))
+    self._inbox.put(Import(request_id, state, fetch, arrival))
 
   def stats(self) -> dict[str, int]:
     """The engine's counters after the last step."""
@@ -176,8 +153,7 @@ class EngineCore:
     messages = []
     if not self.engine.has_unfinished() or self._stalled:
       with contextlib.suppress(queue.Empty):
-        wait = 0.002 if self._moving else 0.5 if self._imports else None  # their timeouts
-        messages.append(self._inbox.get(timeout=wait))
+        messages.append(self._inbox.get(timeout=self.stage.wait()))
     while True:
       try:
         messages.append(self._inbox.get_nowait())
@@ -189,16 +165,14 @@ class EngineCore:
         self._on_deltas(events)
         return False
       self._take(m, events)
-    self._move_imports(events)
+    self.stage.move(events)
     self._stalled = False
     if self.engine.has_unfinished():
       steps = self.engine.num_steps
-      events += self.engine.step()
+      deltas = self.engine.step()
       self._stalled = self.engine.num_steps == steps  # nothing could be scheduled
-      for request, pages in self.engine.take_handoffs():
-        kv = self.engine.runner.export_pages(pages)
-        state = RequestState.of(request)
-        events.append(Handoff(request.request_id, state, kv, len(pages), request.timing()))
+      events += deltas
+      events += self.stage.after_step(deltas)
     self._stats = self._read_stats()
     if events:
       self._on_deltas(events)
@@ -212,91 +186,29 @@ class EngineCore:
         self.engine.add_request(
           m.token_ids, m.params, m.request_id, arrival=m.arrival, cache_salt=m.cache_salt
         )
-      elif isinstance(m, _Import):
-        self.engine.validate_state(m.state)  # it came from another process
-        self._imports.append(m)
+      elif isinstance(m, Import):
+        self.stage.take(m)
       elif isinstance(m, _Release):
-        self.engine.release(m.request_id)
+        self.stage.release(m.request_id)
       else:
         self._abort(m.request_id, events)
     except ValueError as e:
       log.warning("request %s refused: %s", m.request_id, e)
       events.append(StageFailed(m.request_id, e))
 
-  def _move_imports(self, events: list) -> None:
-    """Reserves pages for waiting imports (in order, while the pool allows), starts their
-    fetches, and admits those whose KV has landed. Never waits for a copy."""
-    runner, engine = self.engine.runner, self.engine
-    now = time.perf_counter()
-    for m in [m for m in self._imports if now - m.arrival > self.import_timeout]:
-      self._imports.remove(m)  # the pool stayed full: the prefill side may be holding on
-      self._fail(m.request_id, TimeoutError(f"no free pages in {self.import_timeout:g}s"), events)
-    while self._imports and len(engine.scheduler.running) + len(engine.scheduler.reserved) < (
-      engine.config.max_batch
-    ):  # a batch slot for each: a landed import goes straight into the batch
-      m = self._imports[0]
-      m.pages = self.engine.reserve(m.request_id, len(m.state.prompt_ids))
-      if m.pages is None:
-        break  # the pool is full: the decode batch frees pages as it finishes
-      self._imports.popleft()
-      m.started = time.perf_counter()
-      n = len(runner.page_list(m.pages))
-      try:
-        m.kv = m.fetch(runner.kv_sharding, runner.kv_shape(n))
-      except Exception as e:  # noqa: BLE001 - the request fails, the stage goes on
-        self._fail(m.request_id, e, events)
-        continue
-      self._moving[m.request_id] = m
-    now = time.perf_counter()
-    for m in list(self._moving.values()):
-      if not m.kv.is_ready():
-        if now - m.started > self.transfer_timeout:  # the sender died or hangs
-          del self._moving[m.request_id]
-          self._fail(
-            m.request_id, TimeoutError(f"no KV after {self.transfer_timeout:.0f}s"), events
-          )
-        continue
-      del self._moving[m.request_id]
-      try:
-        jax.block_until_ready(m.kv)  # ready: raises at once if the copy failed
-        runner.import_pages(m.kv, m.pages)
-      except Exception as e:  # noqa: BLE001
-        self._fail(m.request_id, e, events)
-        continue
-      self.engine.admit(m.request_id, m.state, arrival=m.arrival)
-      seconds, size = time.perf_counter() - m.arrival, m.kv.nbytes
-      self.transfers["kv_transfers"] += 1
-      self.transfers["kv_transfer_bytes"] += size
-      self.transfers["kv_transfer_seconds"] += seconds
-      events.append(Landed(m.request_id, seconds, size))
-
-  def _fail(self, request_id: str, error: Exception, events: list) -> None:
-    log.warning("request %s: KV transfer failed: %s", request_id, error)
-    self.engine.abort(request_id)
-    message = f"the KV transfer failed: {type(error).__name__}: {error}"
-    events.append(StageFailed(request_id, TransferError(message)))
-
   def _abort(self, request_id: str, events: list) -> None:
-    if self._moving.pop(request_id, None) is not None:  # a copy in flight lands nowhere
-      self.transfers["kv_transfers_cancelled"] += 1
-    for m in self._imports:
-      if m.request_id == request_id:
-        self._imports.remove(m)
-        break
+    if self.stage.abort(request_id, events):
+      return
     if (delta := self.engine.abort(request_id)) is not None:
       events.append(delta)
 
   def _abort_all(self, events: list) -> None:
-    self._imports.clear()
-    self._moving.clear()
     engine = self.engine
-    for request_id in [*engine.requests, *engine.pinned, *engine.scheduler.reserved]:
+    for request_id in [*engine.requests, *self.stage.held(), *engine.scheduler.reserved]:
       self._abort(request_id, events)
 
   def _read_stats(self) -> dict:
-    stats = self.engine.stats()
-    stats["importing"] = len(self._imports) + len(self._moving)
-    return stats | self.transfers
+    return self.engine.stats() | self.stage.stats()
 
   def _die(self, error: EngineDeadError) -> None:
     self.error = error

@@ -5,11 +5,12 @@ one device step and returns a delta for every request it advanced. It takes toke
 front ends (`LLM`, `AsyncEngine`) tokenize. `LLM` drives it for offline batches; `EngineCore`
 owns it on a thread of its own for the server.
 
-Disaggregated serving runs two engines, one per stage (`role`):
-- a "prefill" engine stops each request at its first token: the request leaves the batch with
-  its pages pinned (`take_handoffs`) until `release`, so its KV can be copied out meanwhile;
-- a "decode" engine `reserve`s pages for a request prefilled elsewhere, and once the KV has
-  been written into them, `admit`s it to continue from its first token.
+Disaggregated serving runs two engines, one per stage (`role`), and the engine offers it
+primitives only; `meshserve.engine.handoff` owns the hand-off on top of them:
+- `detach` takes a request that reached its first token out with its prompt's pages, which
+  stay allocated until `free`, so its KV can be copied out meanwhile;
+- `reserve` takes pages for a request prefilled elsewhere, and once the KV has been written
+  into them, `admit` attaches the request to continue from its first token.
 A "colocated" engine (the default) does both, with no hand-off.
 """
 
@@ -76,8 +77,6 @@ class Engine:
     self._seeds = random.Random(config.seed)
     self.num_steps = 0
     self.last_step: StepStats | None = None
-    self.pinned: dict[str, Request] = {}  # prefill: handed off, pages held until release
-    self._handoffs: list[Request] = []  # prefill: reached their first token this step
 
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
@@ -157,11 +156,8 @@ class Engine:
     return request_id
 
   def abort(self, request_id: str) -> RequestDelta | None:
-    """Stops a request and frees its pages at once, wherever it is (pinned after a hand-off
-    and reserved for one included); its last delta, or None if it was not running."""
-    if self.pinned.pop(request_id, None) is not None:
-      self.allocator.free(request_id)
-      return None
+    """Stops a request and frees its pages at once, wherever it is (reserved for an import
+    included); its last delta, or None if it was not running."""
     if self.scheduler.unreserve(request_id):
       return None
     request = self.requests.pop(request_id, None)
@@ -174,21 +170,21 @@ class Engine:
   def has_unfinished(self) -> bool:
     return bool(self.requests)
 
-  def take_handoffs(self) -> list[tuple[Request, list[int]]]:
-    """Prefill: the requests that reached their first token in the last step, each with the
-    pages that hold its prompt's KV. They stay pinned until `release` (or `abort`)."""
-    out = []
-    for request in self._handoffs:
-      pages = self.allocator.table(request.request_id)
-      out.append((request, pages[: -(-request.prompt_len // self.config.page_size)]))
-    self._handoffs = []
-    return out
+  def detach(self, request_id: str) -> tuple[Request, list[int]]:
+    """Takes a running request out of the engine with the pages that hold its prompt's KV,
+    which stay allocated until `free` (a prefill stage hands it off meanwhile)."""
+    request = self.requests.pop(request_id)
+    self.scheduler.detach(request)
+    pages = self.allocator.table(request_id)
+    return request, pages[: -(-request.prompt_len // self.config.page_size)]
 
-  def release(self, request_id: str) -> None:
-    """Prefill: the decode stage has the request's KV; its pages go back to the pool (full
-    ones stay in the prefix cache)."""
-    if self.pinned.pop(request_id, None) is not None:
-      self.allocator.free(request_id)
+  def free(self, request_id: str) -> None:
+    """Returns a detached request's pages to the pool (full ones stay in the prefix cache)."""
+    self.allocator.free(request_id)
+
+  def has_batch_slot(self) -> bool:
+    """Whether one more request could join the batch (a reserved one keeps a slot too)."""
+    return len(self.scheduler.running) + len(self.scheduler.reserved) < self.config.max_batch
 
   def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
     """Decode: the pages to write the KV of a request's `num_tokens` prompt tokens into, or
@@ -226,11 +222,6 @@ class Engine:
       if request.finished:
         self.scheduler.remove(request)
         del self.requests[request.request_id]
-      elif self.role == "prefill":  # leaves the batch, its pages pinned for the hand-off
-        self.scheduler.detach(request)
-        del self.requests[request.request_id]
-        self.pinned[request.request_id] = request
-        self._handoffs.append(request)
       outputs.append(request.delta())
     self.num_steps += 1
     self.last_step = StepStats(
@@ -251,7 +242,6 @@ class Engine:
       preemptions=self.scheduler.num_preemptions,
       steps=self.num_steps,
       compilations=self.runner.num_compiles,
-      pinned=len(self.pinned),
       reserved=len(self.scheduler.reserved),
     )
 

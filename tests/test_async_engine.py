@@ -335,7 +335,7 @@ def test_an_import_that_never_gets_pages_fails_in_bounded_time(model):
   only `import_timeout`, then its stream ends with an error, and every page comes back."""
   config = EngineConfig(num_pages=9, max_model_len=128, max_batch=4)
   engine = AsyncEngine(Engine(model, config, role="decode"))
-  engine.core.import_timeout = 0.5
+  engine.core.stage.import_timeout = 0.5
   params = SamplingParams(max_tokens=8, ignore_eos=True)
 
   def state(i: int) -> RequestState:  # 7 of the 8 pages each

@@ -84,24 +84,25 @@ def test_kv_head_shards(four_heads):
 
 
 def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit(stage_models):
-  """The real model: a prefill engine (tp=2) hands a request off; a decode engine (tp=4, other
-  devices, a pool already in use) reserves pages, takes the KV and reads back the same bits."""
+  """The real model, through the engine's primitives: a prefill engine (tp=2) detaches a
+  request at its first token; a decode engine (tp=4, other devices, a pool already in use)
+  reserves pages, takes the KV and reads back the same bits."""
   prefill = Engine(stage_models[0], CONFIG, role="prefill")
   decode = Engine(stage_models[1], CONFIG, role="decode")
   assert decode.reserve("other", 20) is not None  # so the page numbers differ
   prompt = prefill.tokenizer.encode("The KV cache of this prompt crosses two layouts intact.")
   prefill.add_request(prompt, SamplingParams(max_tokens=4), "r")
-  while not (handoffs := prefill.take_handoffs()):
-    prefill.step()
-  [(request, p_pages)] = handoffs
-  assert "r" in prefill.pinned and len(p_pages) == -(-len(prompt) // CONFIG.page_size)
+  while not prefill.step():  # the first token
+    pass
+  request, p_pages = prefill.detach("r")
+  assert not prefill.requests and len(p_pages) == -(-len(prompt) // CONFIG.page_size)
   kv = prefill.runner.export_pages(p_pages)
   d_pages = decode.reserve("r", len(prompt))
   assert set(d_pages).isdisjoint(p_pages)
   decode.runner.import_pages(jax.device_put(kv, decode.runner.kv_sharding), d_pages)
   np.testing.assert_array_equal(pages_of(decode.runner, d_pages), pages_of(prefill.runner, p_pages))
   decode.admit("r", RequestState.of(request))
-  prefill.release("r")
+  prefill.free("r")
   assert prefill.allocator.num_free == CONFIG.num_pages - 1
   while decode.requests:
     decode.step()
