@@ -55,6 +55,7 @@ def test_backend_choice():
     load_model("smollm2-135m-instruct", attention="native", layout="tp=2")
 
 
+@pytest.mark.slow  # default: test_layouts compiles the split kernels for a v5e slice
 def test_pallas_kernels_split_themselves_over_a_mesh(golden):
   """XLA cannot partition a Mosaic kernel: under tp=3 (SmolLM2's 3 kv heads, one a device)
   the kernels run per shard in a shard_map, and the model still gives the golden tokens."""

@@ -16,6 +16,7 @@ def _meshserve(*args: str, **kw) -> subprocess.Popen:
   )  # fmt: skip
 
 
+@pytest.mark.slow  # default: the chat template in test_tokenizer, chat over gRPC in test_server
 def test_generate_chat_streams_an_answer():
   proc = _meshserve(
     "generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "16"
@@ -35,6 +36,7 @@ def test_generate_chat_streams_an_answer():
   assert "ready in" in proc.stderr.read()  # the stage log line with its timing
 
 
+@pytest.mark.slow  # default: test_bfloat16 in-process
 def test_generate_in_bfloat16():
   proc = _meshserve(
     "generate", "--dtype", "bfloat16", "--prompt", "The capital of France is", "--max-tokens", "8"

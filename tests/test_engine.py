@@ -139,6 +139,7 @@ def test_chunked_prefill_runs_beside_decodes(family, alone):
     assert_greedy_equal(family, prompt, alone(prompt, params).token_ids, out.token_ids)
 
 
+@pytest.mark.slow  # default: test_scheduler fuzzes both layouts
 def test_segmented_prefill_matches_a_row_per_chunk(model):
   """Prefill rows of 16 tokens (the CPU default) against one row per chunk: the same tokens
   and log-probabilities, in calls that hold less padding."""

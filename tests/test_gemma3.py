@@ -91,7 +91,9 @@ def _no_cache_greedy(model, prompt: list[int], n: int) -> list[int]:
   return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("attention", ["native", "xla", "pallas"])
+@pytest.mark.parametrize(
+  "attention", ["native", "xla", pytest.param("pallas", marks=pytest.mark.slow)]
+)  # pallas: slow (default: its window path on the golden tokens, above)
 def test_a_window_shorter_than_the_context_is_honoured_by_every_path(gemma, attention):
   """A window of 8 over 40 tokens in pages of 16: chunked prefill, the prefix cache and decode
   must each leave out exactly the keys before the window, as the no-cache forward does."""

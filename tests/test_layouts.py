@@ -106,6 +106,7 @@ def test_decode_bytes_do_not_grow_with_the_pool():
   assert big_pool.decode.bytes_accessed <= 1.05 * small_pool.decode.bytes_accessed
 
 
+@pytest.mark.slow  # default: the Megatron table's collectives, exactly
 def test_a_rules_table_that_shards_embed_shows_the_extra_collectives():
   """Splitting `embed` instead of the heads and the MLP: every projection contracts over a
   split axis, so each ends in an all-reduce, several times the bytes Megatron's two per layer

@@ -157,6 +157,7 @@ def test_an_engine_failure_ends_every_stream_with_unavailable(server):
   assert "fault injected" in server.output()
 
 
+@pytest.mark.slow  # a cold warm-up; default: the SIGTERM drain in test_server
 def test_sigterm_during_warmup_stops_promptly(tmp_path):
   """A cold warm-up (a compilation cache of its own) cut short: the shapes compiling finish,
   no new one starts, and the server exits 0."""
@@ -189,6 +190,7 @@ def listening_hosts(port: int) -> set[str]:
   return hosts
 
 
+@pytest.mark.slow  # default: the auth interceptor in test_tls_and_bearer_token
 def test_a_worker_s_stage_api_takes_only_the_internal_token_and_listens_inward(tmp_path):
   """A decode worker with both credentials: StageWorker refuses the public token
   (PERMISSION_DENIED) and no token (UNAUTHENTICATED), takes the internal one; the public
