@@ -29,6 +29,7 @@ from meshserve.engine.params import (
   MAX_STOP_STRING_CHARS,
   MAX_STOP_STRINGS,
   MAX_STOP_TOKEN_IDS,
+  RequestLimits,
   SamplingParams,
 )
 
@@ -195,6 +196,10 @@ class EngineInfo:
   platform: str
   attention: str
   dtype: str
+
+  @property
+  def limits(self) -> RequestLimits:
+    return RequestLimits(self.vocab_size, self.config.max_model_len)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

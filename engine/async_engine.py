@@ -46,7 +46,7 @@ from meshserve.engine.core import EngineCore, EngineDeadError
 from meshserve.engine.engine import Engine
 from meshserve.engine.handoff import CoreEvent, Handoff, KVFetch, Landed, StageFailed
 from meshserve.engine.output import OutputProcessor, RequestDelta
-from meshserve.engine.request import RequestState
+from meshserve.engine.request import RequestState, TokenDelta
 from meshserve.engine.sampling import SamplingParams
 from meshserve.models import Model, ModelConfig
 
@@ -55,7 +55,7 @@ from meshserve.models import Model, ModelConfig
 class _Stream:
   client_id: str
   loop: asyncio.AbstractEventLoop
-  queue: asyncio.Queue  # RequestDelta, then nothing; or an exception
+  queue: asyncio.Queue  # TokenDelta and core events, then nothing; or an exception
   num_prompt_tokens: int
 
 
@@ -213,12 +213,12 @@ class AsyncEngine:
         if isinstance(item, StageFailed):
           raise item.error
         if item is _ABORTED:
-          item = RequestDelta(
-            request_id=stream.client_id, new_token_ids=[], new_text="", new_logprobs=None,
+          item = TokenDelta(
+            request_id=stream.client_id, new_token_ids=[], new_logprobs=None,
             finish_reason="abort", num_prompt_tokens=num_prompt_tokens, num_output_tokens=0,
             num_cached_tokens=0, timing=RequestTiming(),
           )  # fmt: skip
-        if isinstance(item, RequestDelta):
+        if isinstance(item, TokenDelta):
           item = output.process(dataclasses.replace(item, request_id=stream.client_id))
           if item is None:  # the core ran past a stop string, and its abort is on the way
             continue

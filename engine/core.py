@@ -65,7 +65,7 @@ class EngineCore:
     *,
     warmup: bool = False,
   ):
-    """on_deltas (a list of RequestDelta, Handoff, Landed and StageFailed events) and on_dead
+    """on_deltas (a list of TokenDelta, Handoff, Landed and StageFailed events) and on_dead
     run on the core thread and must not block. An exception from a step fails the core."""
     self.engine = engine
     self._on_deltas, self._on_dead = on_deltas, on_dead

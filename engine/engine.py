@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from meshserve.engine.api import Role
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator
-from meshserve.engine.output import RequestDelta, TokenLogprob
-from meshserve.engine.request import Request, RequestState
+from meshserve.engine.params import RequestLimits
+from meshserve.engine.request import Request, RequestState, TokenDelta
 from meshserve.engine.runner import Runner
 from meshserve.engine.sampling import SamplingParams
 from meshserve.engine.scheduler import Scheduler
@@ -71,6 +71,7 @@ class Engine:
         config.num_pages, config.page_size, prefix_caching=config.prefix_caching
       )
     self.scheduler = Scheduler(self.allocator, config)
+    self.limits = RequestLimits(model.config.vocab_size, config.max_model_len)
     self.runner = Runner(model, config, replicas)
     self.requests: dict[str, Request] = {}  # unfinished, by id
     self._ids = itertools.count()
@@ -81,32 +82,16 @@ class Engine:
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
     configuration, so any thread may call it."""
-    if not token_ids:
-      raise ValueError("prompt: the prompt is empty")
-    vocab = self.model.config.vocab_size
-    if min(token_ids) < 0 or max(token_ids) >= vocab:
-      raise ValueError(f"token_ids: ids must lie in [0, {vocab})")
-    limit = self.config.max_model_len
-    if len(token_ids) >= limit:
-      raise ValueError(
-        f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len {limit}"
-      )
-    if any(t >= vocab for t in params.stop_token_ids):
-      raise ValueError(f"stop_token_ids: ids must lie in [0, {vocab})")
+    self.limits.check(token_ids, params, prompt="token_ids")
 
   def validate_state(self, state: RequestState) -> None:
     """Raises ValueError naming the field when a hand-off's state cannot be continued here:
     it comes from another process, so nothing in it is trusted. Field names are those of
     the hand-off message (stages.proto)."""
-    vocab, limit = self.model.config.vocab_size, self.config.max_model_len
-    if not state.prompt_ids:
-      raise ValueError("prompt_token_ids: the prompt is empty")
-    if min(state.prompt_ids) < 0 or max(state.prompt_ids) >= vocab:
-      raise ValueError(f"prompt_token_ids: ids must lie in [0, {vocab})")
-    if len(state.prompt_ids) >= limit:
-      raise ValueError(f"prompt_token_ids: {len(state.prompt_ids)} tokens fill max_model_len")
-    if any(t >= vocab for t in state.params.stop_token_ids):
-      raise ValueError(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
+    self.limits.check(
+      state.prompt_ids, state.params, prompt="prompt_token_ids", sampling="sampling."
+    )
+    vocab, limit = self.limits.vocab_size, self.limits.max_model_len
     if not state.output_ids:
       raise ValueError("output_token_ids: a hand-off carries at least the first token")
     if min(state.output_ids) < 0 or max(state.output_ids) >= vocab:
@@ -155,7 +140,7 @@ class Engine:
     self.scheduler.add(request)
     return request_id
 
-  def abort(self, request_id: str) -> RequestDelta | None:
+  def abort(self, request_id: str) -> TokenDelta | None:
     """Stops a request and frees its pages at once, wherever it is (reserved for an import
     included); its last delta, or None if it was not running."""
     if self.scheduler.unreserve(request_id):
@@ -207,7 +192,7 @@ class Engine:
     self.requests[request_id] = request
     self.scheduler.attach(request)  # straight into the batch: the core keeps it a slot
 
-  def step(self) -> list[RequestDelta]:
+  def step(self) -> list[TokenDelta]:
     """Runs one step; returns a delta for every request that produced a token or ended."""
     start = time.perf_counter()
     schedule = self.scheduler.schedule()
@@ -247,16 +232,15 @@ class Engine:
 
   def _append(self, request: Request, sampled) -> None:
     """Adds a sampled token to the request and settles whether it is finished: by an EOS or
-    stop token, or by length. Stop strings are the front end's (OutputProcessor): text is
-    never made on this thread."""
+    stop token, or by length. Stop strings and logprob formatting are the front end's
+    (OutputProcessor): no text is made on this thread."""
     token, params = int(sampled.tokens), request.params
     request.token_ids.append(token)
     if request.first_token_at is None:
       request.first_token_at = time.perf_counter()
-    if params.logprobs is not None:
+    if params.logprobs is not None:  # numpy views: the front end formats them
       n = params.logprobs
-      top = zip(sampled.top_ids[:n].tolist(), sampled.top_logprobs[:n].tolist(), strict=True)
-      request.logprobs.append(TokenLogprob(token, float(sampled.logprob), tuple(top)))
+      request.logprobs.append((sampled.logprob, sampled.top_ids[:n], sampled.top_logprobs[:n]))
     eos = token in self.model.config.eos_token_ids and not params.ignore_eos
     if eos or token in params.stop_token_ids:
       request.finish("stop")

@@ -27,12 +27,11 @@ import jax
 
 from meshserve.engine.api import (  # noqa: F401 - re-exported
   Landed,
-  RequestDelta,
   RequestTiming,
   Role,
   TransferError,
 )
-from meshserve.engine.request import Request, RequestState
+from meshserve.engine.request import Request, RequestState, TokenDelta
 
 if TYPE_CHECKING:
   from meshserve.engine.engine import Engine
@@ -97,7 +96,7 @@ class StageFailed:
 
 
 # Every event an engine core reports, handled in one place (AsyncEngine._on_deltas).
-CoreEvent = RequestDelta | Handoff | Landed | StageFailed
+CoreEvent = TokenDelta | Handoff | Landed | StageFailed
 
 
 class Stage:
@@ -109,7 +108,7 @@ class Stage:
   def __init__(self, engine: Engine):
     self.engine = engine
 
-  def after_step(self, deltas: list[RequestDelta]) -> list[CoreEvent]:
+  def after_step(self, deltas: list[TokenDelta]) -> list[CoreEvent]:
     return []
 
   def take(self, m: Import) -> None:
@@ -145,7 +144,7 @@ class PrefillStage(Stage):
     super().__init__(engine)
     self.pinned: dict[str, Request] = {}
 
-  def after_step(self, deltas: list[RequestDelta]) -> list[CoreEvent]:
+  def after_step(self, deltas: list[TokenDelta]) -> list[CoreEvent]:
     events: list[CoreEvent] = []
     for delta in deltas:
       if delta.finished:  # the first token finished it: nothing to hand off

@@ -14,6 +14,7 @@ from meshserve.engine.api import (  # noqa: F401 - re-exported
   TokenLogprob,
 )
 from meshserve.engine.params import SamplingParams
+from meshserve.engine.request import SampledLogprobs, TokenDelta
 from meshserve.models import IncrementalDetokenizer, Tokenizer
 
 
@@ -120,7 +121,8 @@ class TextStream:
 
 class OutputProcessor:
   """The front end's half of one request's output, as in vLLM v1: the engine core emits token
-  deltas; this turns them into text, cuts the text at the first stop string and says when that
+  deltas; this turns them into text and formats their logprobs (TokenLogprob), cuts the text at
+  the first stop string and says when that
   ended the request (the caller then aborts it in the core, which may have run ahead a token
   or two: those are dropped here). Runs on the caller's thread, never the engine core's.
 
@@ -142,7 +144,7 @@ class OutputProcessor:
     self.num_output = len(output_ids)
     self.finished = False
 
-  def process(self, delta: RequestDelta) -> RequestDelta | None:
+  def process(self, delta: TokenDelta) -> RequestDelta | None:
     """The delta with its text, cut at a stop string; None once the request has finished here
     (what the core sent after it). `stopped` tells whether a stop string finished it."""
     if self.finished:
@@ -162,17 +164,28 @@ class OutputProcessor:
       if last and finish == "length":  # held-back text that never became a stop string
         text.append(self.stream.flush())
     self.num_output += len(ids)
-    logprobs = None if delta.new_logprobs is None else delta.new_logprobs[: len(ids)]
+    logprobs = None
+    if delta.new_logprobs is not None:
+      logprobs = list(map(token_logprob, ids, delta.new_logprobs))
     timing = delta.timing
     if finish is not None and timing.finished_s is None:  # finished here, not in the core
       timing = dataclasses.replace(timing, finished_s=time.perf_counter() - self.arrival)
     self.finished = finish is not None
-    return dataclasses.replace(
-      delta, new_token_ids=ids, new_text="".join(text), new_logprobs=logprobs,
-      finish_reason=finish, num_output_tokens=self.num_output, timing=timing,
+    return RequestDelta(
+      request_id=delta.request_id, new_token_ids=ids, new_text="".join(text),
+      new_logprobs=logprobs, finish_reason=finish, num_prompt_tokens=delta.num_prompt_tokens,
+      num_output_tokens=self.num_output, num_cached_tokens=delta.num_cached_tokens,
+      timing=timing,
     )  # fmt: skip
 
   @property
   def stopped(self) -> bool:
     """A stop string ended the request: the core still runs it until aborted."""
     return self.stream.stopped
+
+
+def token_logprob(token_id: int, sampled: SampledLogprobs) -> TokenLogprob:
+  """One token's logprobs as a caller reads them, from the sampler's numpy rows."""
+  logprob, top_ids, top_logprobs = sampled
+  top = zip(top_ids.tolist(), top_logprobs.tolist(), strict=True)
+  return TokenLogprob(token_id, float(logprob), tuple(top))

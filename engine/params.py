@@ -76,3 +76,47 @@ class SamplingParams:
     return (
       self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestLimits:
+  """What an engine accepts of a request beyond its parameters' own bounds: the one check every
+  entry point runs (the offline API, the async front end, the server, a hand-off's landing)."""
+
+  vocab_size: int
+  max_model_len: int
+
+  def room(self, prompt_len: int) -> int:
+    """How many tokens a prompt of `prompt_len` leaves to generate."""
+    return self.max_model_len - prompt_len
+
+  def check(
+    self,
+    token_ids,
+    params: SamplingParams,
+    *,
+    prompt: str = "prompt",
+    sampling: str = "",
+    max_tokens_fit: bool = False,
+  ) -> None:
+    """Raises ValueError naming the field: `prompt` is the prompt's field and `sampling` the
+    prefix of the parameters' ("sampling." in a gRPC request). max_tokens_fit: max_tokens beyond
+    the context's room is an error (the server's rule, for parameters the caller set); else
+    generation stops at max_model_len with finish "length" (the offline API's)."""
+    if len(token_ids) == 0:
+      raise ValueError(f"{prompt}: the prompt is empty")
+    if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+      raise ValueError(f"{prompt}: ids must lie in [0, {self.vocab_size})")
+    room = self.room(len(token_ids))
+    if room <= 0:
+      raise ValueError(
+        f"{prompt}: {len(token_ids)} tokens leave no room to generate within max_model_len "
+        f"{self.max_model_len}"
+      )
+    if any(t >= self.vocab_size for t in params.stop_token_ids):
+      raise ValueError(f"{sampling}stop_token_ids: ids must lie in [0, {self.vocab_size})")
+    if max_tokens_fit and params.max_tokens > room:
+      raise ValueError(
+        f"{sampling}max_tokens: {prompt} ({len(token_ids)} tokens) plus {params.max_tokens} "
+        f"tokens exceed max_model_len {self.max_model_len}"
+      )

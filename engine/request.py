@@ -4,9 +4,38 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
-from meshserve.engine.api import FinishReason, RequestDelta, RequestTiming, TokenLogprob
+from meshserve.engine.api import FinishReason, RequestTiming
 from meshserve.engine.params import SamplingParams
+
+# One sampled token's logprobs as the sampler returned them: (its logprob, the top ids, their
+# logprobs), numpy rows. The front end formats them (OutputProcessor), not the core's thread.
+SampledLogprobs = tuple[Any, Any, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenDelta:
+  """What the core hands its front end for one request after a step: the new token ids and,
+  when the request asked, their logprobs unformatted. The front end's OutputProcessor turns it
+  into a RequestDelta (text, stop strings, TokenLogprobs), off the core's thread."""
+
+  request_id: str
+  new_token_ids: list[int]
+  new_logprobs: list[SampledLogprobs] | None  # one per new token id, when the request asked
+  finish_reason: FinishReason | None
+  num_prompt_tokens: int
+  num_output_tokens: int  # so far
+  num_cached_tokens: int  # prompt tokens served from the prefix cache
+  timing: RequestTiming
+
+  @property
+  def finished(self) -> bool:
+    return self.finish_reason is not None
+
+  @property
+  def final(self) -> bool:  # the last event of its stream
+    return self.finish_reason is not None
 
 
 @dataclasses.dataclass(eq=False)
@@ -25,7 +54,7 @@ class Request:
   num_computed: int = 0
   num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
   num_preemptions: int = 0
-  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+  logprobs: list[SampledLogprobs | None] = dataclasses.field(default_factory=list)
   finish_reason: FinishReason | None = None
   scheduled_at: float | None = None
   first_token_at: float | None = None
@@ -60,16 +89,15 @@ class Request:
       since(self.scheduled_at), since(self.first_token_at), since(self.finished_at)
     )
 
-  def delta(self) -> RequestDelta:
+  def delta(self) -> TokenDelta:
     """The tokens added since the last call (their text is the front end's to make:
     OutputProcessor)."""
     new_ids = self.token_ids[self.prompt_len + self._reported :]
     logprobs = self.logprobs[self._reported :] if self.params.logprobs is not None else None
     self._reported = self.num_output
-    return RequestDelta(
+    return TokenDelta(
       request_id=self.request_id,
       new_token_ids=new_ids,
-      new_text="",
       new_logprobs=logprobs,
       finish_reason=self.finish_reason,
       num_prompt_tokens=self.prompt_len,

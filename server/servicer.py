@@ -174,7 +174,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     sampling_of(request.sampling)
     self.engine.check_queue()
     field, ids = await self._prompt(request.text, request.token_ids, request.messages)
-    return ids, self._sampling(request.sampling, field, len(ids))
+    # Unset, max_tokens is 64 or what room the context leaves; set, it must fit.
+    room = max(min(DEFAULT_MAX_TOKENS, self.info.limits.room(len(ids))), 1)
+    params = sampling_of(request.sampling, room)
+    try:
+      self.info.limits.check(ids, params, prompt=field, sampling="sampling.", max_tokens_fit=True)
+    except ValueError as e:
+      raise InvalidArgument(str(e)) from None
+    return ids, params
 
   async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
     try:
@@ -229,24 +236,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
       ids = await asyncio.to_thread(self.engine.encode, text)
     else:
       ids = list(token_ids)
-    if len(ids) >= self.config.max_model_len:
-      raise InvalidArgument(
-        f"{field}: {len(ids)} prompt tokens leave no room within max_model_len "
-        f"{self.config.max_model_len}"
-      )
     return field, ids
-
-  def _sampling(self, s: pb.SamplingParams, field: str, prompt_len: int) -> SamplingParams:
-    vocab = self.info.vocab_size
-    if any(not 0 <= t < vocab for t in s.stop_token_ids):
-      raise InvalidArgument(f"sampling.stop_token_ids: ids must lie in [0, {vocab})")
-    room = self.config.max_model_len - prompt_len
-    if s.HasField("max_tokens") and s.max_tokens > room:
-      raise InvalidArgument(
-        f"sampling.max_tokens: {field} ({prompt_len} tokens) plus {s.max_tokens} tokens exceed "
-        f"max_model_len {self.config.max_model_len}"
-      )
-    return sampling_of(s, max(min(DEFAULT_MAX_TOKENS, room), 1))
 
 
 def record(

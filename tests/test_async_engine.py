@@ -225,22 +225,29 @@ def test_server_assigned_ids_are_random_and_never_collide_with_client_ids(make):
 def test_text_is_made_off_the_engine_thread_and_a_stop_string_aborts_in_the_core(
   make, model, golden, monkeypatch
 ):
-  """Detokenization and stop strings run in the front end (the consumer's thread), never on
-  the engine core's: the core emits tokens; a stop string found in the front end ends the
-  stream and aborts the request in the core, which may have run a token past it."""
-  threads = []
-  decode = model.tokenizer.decode
+  """Detokenization, logprob formatting and stop strings run in the front end (the consumer's
+  thread), never on the engine core's: the core emits tokens and the sampler's logprob rows; a
+  stop string found in the front end ends the stream and aborts the request in the core, which
+  may have run a token past it."""
+  from meshserve.engine import output
 
-  def spy(*args, **kw):
-    threads.append(threading.current_thread().name)
-    return decode(*args, **kw)
+  threads, formatted = [], []
 
-  monkeypatch.setattr(model.tokenizer, "decode", spy)
+  def spy(record, real):
+    def wrapper(*args, **kw):
+      record.append(threading.current_thread().name)
+      return real(*args, **kw)
+
+    return wrapper
+
+  monkeypatch.setattr(model.tokenizer, "decode", spy(threads, model.tokenizer.decode))
+  monkeypatch.setattr(output, "token_logprob", spy(formatted, output.token_logprob))
   engine = make()
   prompt = golden.case(2)["ids"].tolist()  # continues " a wise and kind woman named Elara."
+  params = SamplingParams(max_tokens=32, stop="d wom", logprobs=2)
 
   async def main():
-    deltas = [d async for d in engine.generate(prompt, SamplingParams(max_tokens=32, stop="d wom"))]
+    deltas = [d async for d in engine.generate(prompt, params)]
     return deltas, await all_pages_back(engine)
 
   deltas, _ = asyncio.run(main())
@@ -249,6 +256,10 @@ def test_text_is_made_off_the_engine_thread_and_a_stop_string_aborts_in_the_core
   )
   assert deltas[-1].num_output_tokens == sum(len(d.new_token_ids) for d in deltas)
   assert threads and "meshserve-engine-core" not in threads, set(threads)
+  ids = [t for d in deltas for t in d.new_token_ids]
+  logprobs = [lp for d in deltas for lp in d.new_logprobs]
+  assert [lp.token_id for lp in logprobs] == ids and all(len(lp.top) == 2 for lp in logprobs)
+  assert len(formatted) == len(ids) and "meshserve-engine-core" not in formatted, set(formatted)
 
 
 def test_stop_limits_are_refused_naming_the_field():
