@@ -294,7 +294,7 @@ class LaunchSpec:
 
   model: str  # a registered name, a .gguf path, an HF directory or an Orbax checkpoint
   role: Role = Role.COLOCATED  # COLOCATED, DISAGGREGATED, PREFILL or DECODE
-  dtype: str = "float32"  # weights and KV cache: float32 or bfloat16
+  dtype: str = "auto"  # weights and KV cache: float32, bfloat16, or auto (bfloat16 off CPU)
   layout: str | None = None  # COLOCATED, PREFILL, DECODE; None: one device
   prefill_layout: str = "tp=1"  # DISAGGREGATED: each stage on devices of its own
   decode_layout: str = "tp=1"

@@ -172,7 +172,7 @@ def resolve(name_or_path: str) -> tuple[str, pathlib.Path]:
 def load_model(
   name_or_path: str = DEFAULT_MODEL,
   *,
-  dtype=jnp.float32,
+  dtype=None,
   attention: AttentionBackend | str | None = None,
   layout: Layout | str | None = None,
   devices: Sequence[jax.Device] | None = None,
@@ -180,6 +180,8 @@ def load_model(
   """Loads a registered model, a .gguf file, a Hugging Face checkpoint directory (config.json,
   *.safetensors, tokenizer.json) or an Orbax checkpoint directory.
 
+  dtype: float32, bfloat16, or None (or "auto") for the platform's default: bfloat16 on TPU and
+  GPU, float32 on CPU (precision.default_dtype).
   attention: "xla", "native", "pallas", an AttentionBackend (e.g. pallas in interpret mode), or
   None for the platform's default (pallas on TPU; native on CPU where its kernel builds and the
   model is on one device (tp=1 included); xla elsewhere).
@@ -187,9 +189,9 @@ def load_model(
   "tp=4" or "dp=2,tp=4" builds a mesh and places each parameter shard by shard.
   devices: the devices the layout's mesh takes (default: all), e.g. a stage's share of them.
   """
-  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+  auto = dtype is None or (isinstance(dtype, str) and dtype == "auto")
+  if not auto and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"dtype: {jnp.dtype(dtype).name} is not supported; use float32 or bfloat16")
-  dtype = jnp.dtype(dtype)
   if isinstance(layout, str):
     layout = Layout.parse(layout)
   sharded = layout is not None and layout.num_devices > 1  # a one-device mesh is not split
@@ -197,6 +199,7 @@ def load_model(
     raise ValueError("devices: give a layout too (tp=1 for one device)")
   mesh = None if layout is None else layout.make_mesh(devices)
   platform = platform_of(mesh)
+  dtype = precision.default_dtype(platform) if auto else jnp.dtype(dtype)
   if attention is None:
     attention = AttentionBackend.default_for(platform, sharded=sharded)
   elif isinstance(attention, str):

@@ -20,6 +20,14 @@ import jax.numpy as jnp
 BITS = jnp.dtype(jnp.uint16)  # the storage of bfloat16 values kept as bits
 
 
+def default_dtype(platform: str) -> jnp.dtype:
+  """The dtype a model gets when none is asked for. On TPU and GPU, bfloat16: the MXU and tensor
+  cores run it at full rate, and it halves the bytes of every decode step (a Llama-3-8B fits one
+  16 GB chip only so). On CPU, float32: the reference precision, which gives the golden greedy
+  tokens exactly; bfloat16 is 1.5-1.8x faster there and a flag away (README: Benchmarks)."""
+  return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+
+
 def storage_dtype(dtype, platform: str) -> jnp.dtype:
   """How arrays of `dtype` values are stored on `platform`: bfloat16 as bits on CPU."""
   dtype = jnp.dtype(dtype)

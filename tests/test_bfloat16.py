@@ -39,6 +39,24 @@ def logit_error(model, golden) -> float:
   return worst
 
 
+def test_the_default_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu(model):
+  assert precision.default_dtype("tpu") == precision.default_dtype("gpu") == jnp.bfloat16
+  assert precision.default_dtype("cpu") == jnp.float32
+  assert model.config.dtype == jnp.float32  # load_model's default, here on CPU
+  from meshserve.engine.api import LaunchSpec
+  from meshserve.server.cli import build_parser
+
+  assert LaunchSpec("m").dtype == "auto"
+  required = {
+    "generate": ["--prompt", "hi"],
+    "convert": ["a", "b"],
+    "layouts": ["--layouts", "tp=1"],
+  }
+  for command in ("serve", "generate", "convert", "layouts"):
+    args = build_parser().parse_args([command, *required.get(command, [])])
+    assert args.dtype == "auto", command
+
+
 def test_weights_and_pool_are_stored_as_bits_on_cpu(bf16):
   state = jax.tree.leaves(bf16.state)
   assert {x.dtype for x in state} == {precision.BITS, jnp.dtype(jnp.float32)}  # norms: float32

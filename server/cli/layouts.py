@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--prefill", type=int, default=2048, help="prefill chunk, tokens")
   p.add_argument(
-    "--dtype", choices=DTYPES, default=None,
-    help="weights and KV (default: bfloat16 on TPU, float32 on CPU)",
+    "--dtype", choices=DTYPES, default="auto",
+    help="weights and KV (auto: the target's, bfloat16 on TPU and GPU, float32 on CPU)",
   )  # fmt: skip
   p.add_argument("--csv", type=pathlib.Path, default=None, help="also write the rows as CSV")
   p.add_argument("--plot", type=pathlib.Path, default=None, help="memory and step time PNG")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--verify runs the layouts here: give --target cpu:N")
   rules = explorer.load_rules(args.rules) if args.rules else None
   shape = explorer.ServingShape(args.batch, args.context, args.page_size, args.prefill)
-  dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  dtype = None if args.dtype == "auto" else jnp.dtype(args.dtype)
   start = time.perf_counter()
   reports = explorer.explore(model, args.target, layouts, shape, dtype=dtype, rules=rules)
   print(explorer.format_table(reports, shape, args.target))
