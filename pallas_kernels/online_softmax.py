@@ -27,7 +27,8 @@ def update(m_ref, l_ref, acc_ref, scores: jax.Array, v: jax.Array, rows=slice(No
   denom = alpha * l_ref[rows, :1] + jnp.sum(probs, axis=1, keepdims=True)
   l_ref[rows, :] = jnp.broadcast_to(denom, (denom.shape[0], LANES))
   m_ref[rows, :] = jnp.broadcast_to(m_new, (m_new.shape[0], LANES))
-  pv = jnp.dot(probs, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+  # MXU operands in the values' dtype (bfloat16 in serving), accumulated in float32.
+  pv = jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   acc_ref[rows, :] = alpha * acc_ref[rows, :] + pv
 
 

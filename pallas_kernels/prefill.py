@@ -85,9 +85,10 @@ def _kernel(
 
   @pl.when(needed)
   def _attend():
-    q = q_ref[...].astype(jnp.float32) * sm_scale
-    k = k_ref[...].astype(jnp.float32)
+    # MXU operands in the KV's dtype (bfloat16 in serving), scores in float32.
+    q, k = q_ref[...].astype(k_ref.dtype), k_ref[...]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * sm_scale
     k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     visible = k_pos < kv_len
     if causal:

@@ -175,6 +175,24 @@ def test_ragged_paged_attention_reads_a_layer_of_the_whole_pool():
     _close(out, ref, jnp.float32)
 
 
+def test_ragged_paged_attention_starts_a_sliding_window_at_its_first_block():
+  """Pages wholly before a sliding window's first block are never fetched: NaN there stays out
+  of the output (blocks of two pages here: the window of 20 over 128 tokens starts in the
+  fourth block, tokens 96-127)."""
+  rng = np.random.default_rng(3)
+  N, Z, K, D, P = 10, 16, 2, 64, 8
+  k_pages, v_pages = (_rand(rng, (N, Z, K, D), jnp.float32) for _ in range(2))
+  table = jnp.array([[9, 8, 7, 6, 5, 4, 3, 2]], jnp.int32)
+  before = jnp.array([9, 8, 7, 6, 5, 4])  # tokens 0-95
+  poisoned = [x.at[before].set(jnp.nan) for x in (k_pages, v_pages)]
+  lens, q = jnp.array([P * Z], jnp.int32), _rand(rng, (1, 4, D), jnp.float32)
+  out = ragged_paged_attention(
+    q, *poisoned, lens, table, sliding_window=20, pages_per_block=2, interpret=True
+  )
+  ref = ragged_paged_attention_reference(q, k_pages, v_pages, lens, table, sliding_window=20)
+  _close(out, ref, jnp.float32)
+
+
 # --- argument checks ------------------------------------------------------------------------
 
 
@@ -243,6 +261,40 @@ def test_ragged_paged_attention_compiles_for_tpu(tpu_device, dtype):
   )
   compiled = ragged_paged_attention.lower(*args).compile()
   assert "tpu_custom_call" in compiled.as_text()
+
+
+def _kernel_cost(device, B, P, N, window=None, H=4, K=1, D=128):
+  """XLA's cost analysis of the decode kernel alone, compiled for `device`."""
+  args = _abstract(
+    device, ((B, H, D), jnp.bfloat16), ((N, 16, K, D), jnp.bfloat16),
+    ((N, 16, K, D), jnp.bfloat16), ((B,), jnp.int32), ((B, P), jnp.int32),
+  )  # fmt: skip
+  compiled = ragged_paged_attention.lower(*args, sliding_window=window).compile()
+  assert "tpu_custom_call" in compiled.as_text()
+  cost = compiled.cost_analysis()
+  return cost["bytes accessed"], cost["flops"]
+
+
+def test_ragged_paged_attention_costs_follow_the_live_kv_not_the_page_table(tpu_device):
+  """The kernel's work follows each row's live pages, so its cost estimate does not follow the
+  page table's width: it reads at most the pool (sized for the live context), once. Twice the
+  table at the same pool costs the same; twice the context (table and pool) costs twice; a
+  window of 1024 over 8k tokens costs about an eighth (its blocks, rounded to whole ones)."""
+  B, P = 64, 128  # 2048 tokens a row at page size 16
+  base = _kernel_cost(tpu_device, B, P, B * P)
+  wide = _kernel_cost(tpu_device, B, 2 * P, B * P)
+  longer = _kernel_cost(tpu_device, B, 2 * P, 2 * B * P)
+  for a, b, c in zip(base, wide, longer, strict=True):
+    assert b <= 1.05 * a and 1.9 < c / a < 2.05
+  full = _kernel_cost(tpu_device, B, 4 * P, 4 * B * P)
+  window = _kernel_cost(tpu_device, B, 4 * P, 4 * B * P, window=1024)
+  assert 0.1 < window[0] / full[0] < 0.16 and 0.1 < window[1] / full[1] < 0.16
+
+
+def test_ragged_paged_attention_compiles_for_256_rows_of_32k_tokens(tpu_device):
+  """The page table reaches SMEM a row at a time: 256 rows x 2048 pages (32k tokens at page
+  size 16), over a pool that fits one chip, compile (the whole table in SMEM did not)."""
+  _kernel_cost(tpu_device, 256, 2048, 16384)
 
 
 def test_model_decode_reads_the_pool_in_place_on_tpu(tpu_device):
