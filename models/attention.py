@@ -24,7 +24,11 @@ from jax.sharding import PartitionSpec as P
 
 from meshserve.models import cpu_kernels, precision
 from meshserve.models.config import ModelConfig
-from meshserve.pallas_kernels import flash_attention, ragged_paged_attention
+from meshserve.pallas_kernels import (
+  flash_attention,
+  paged_prefill_attention,
+  ragged_paged_attention,
+)
 from meshserve.sharding import MEGATRON, Rules
 
 
@@ -168,30 +172,46 @@ class AttentionBackend:
       return xla_paged_decode_attention(q, cache, layer, positions, page_table, span)
     if cache is None:
       return fresh_flash()
-    if q.shape[1] > 1:
-      # A prefill chunk that continues a cached prefix (chunked prefill, prefix cache hit)
-      # must also see the pages before it; until a paged prefill kernel exists, such steps
-      # take the XLA path.
-      return jax.lax.cond(jnp.all(positions[:, 0] <= 0), fresh_flash, paged_xla)
-    kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
-
-    def decode(q, k_pool, v_pool, kv_lens, page_table, layer):
-      # Reads this layer's pages in place: no slice of the pool.
-      return ragged_paged_attention(
-        q, k_pool, v_pool, kv_lens, page_table, layer=layer, sliding_window=window,
-        interpret=self.interpret,
-      )  # fmt: skip
-
     k_pool, v_pool = precision.values(cache.k), precision.values(cache.v)  # bits on CPU
-    args = (q[:, 0], k_pool, v_pool, kv_lens, page_table, layer)
     rows = _per_shard(q.shape[0], cache.k.shape[3], self.rules)
+    if q.shape[1] > 1:
+      # A chunk after a cached prefix (chunked prefill, a prefix-cache hit) reads the pages
+      # before it too: the paged kernel. A fresh prompt's keys are all in hand: flash.
+      starts = jnp.maximum(positions[:, 0], 0).astype(jnp.int32)
+      kv_lens = (jnp.max(positions, axis=1) + 1).astype(jnp.int32)  # padding is -1
+
+      def after_prefix():
+        return self._paged(
+          paged_prefill_attention, rows, q, (starts, kv_lens), k_pool, v_pool, page_table, layer,
+          window,
+        )  # fmt: skip
+
+      return jax.lax.cond(jnp.all(positions[:, 0] <= 0), fresh_flash, after_prefix)
+    kv_lens = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)
+    out = self._paged(
+      ragged_paged_attention, rows, q[:, 0], (kv_lens,), k_pool, v_pool, page_table, layer,
+      window,
+    )  # fmt: skip
+    return out[:, None]
+
+  def _paged(self, kernel, rows, q, lens, k_pool, v_pool, page_table, layer, window):
+    """`kernel` over this layer's pages, read in place (no slice of the pool); on a mesh, per
+    shard of rows and kv heads. q: [B, T, H, D] for prefill, [B, H, D] for decode; lens: the
+    kernel's per-row int32 arguments."""
+    call = functools.partial(kernel, sliding_window=window, interpret=self.interpret)
+
+    def run(q, k, v, *rest):
+      *lens, table, layer = rest
+      return call(q, k, v, *lens, table, layer=layer)
+
+    args = (q, k_pool, v_pool, *lens, page_table, layer)
     if rows is None:
-      return decode(*args)[:, None]
+      return run(*args)
     b, h = rows
     pool = P(None, None, None, h, None)
-    specs = (P(b, h, None), pool, pool, P(b), P(b, None), P())
-    out = jax.shard_map(decode, in_specs=specs, out_specs=P(b, h, None), check_vma=False)(*args)
-    return out[:, None]
+    q_spec = P(b, None, h, None) if q.ndim == 4 else P(b, h, None)  # prefill, decode
+    specs = (q_spec, pool, pool, *(P(b) for _ in lens), P(b, None), P())
+    return jax.shard_map(run, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 NO_WINDOW = 1 << 30  # a span past any context: a global layer under a traced window

@@ -59,3 +59,22 @@ def ragged_paged_attention_reference(
   q_pos = (kv_lens - 1)[:, None]  # [B, 1]
   visible = _window_mask(q_pos, k_pos, sliding_window) & (k_pos < kv_lens[:, None])[:, None]
   return _softmax_attend(q[:, None], k, v, visible, sm_scale)[:, 0]
+
+
+def paged_prefill_attention_reference(
+  q, k_pages, v_pages, starts, kv_lens, page_indices, *, sm_scale=None, sliding_window=None
+):
+  """q [B, T, H, D] (query t of sequence b at position starts[b] + t), pages [N, Z, K, D],
+  starts and kv_lens [B], page_indices [B, P] -> [B, T, H, D] float32. Causal over each
+  sequence's first kv_lens[b] tokens; a query at kv_lens[b] or past it is padding (zeros)."""
+  B, T, H, D = q.shape
+  N, Z, K, _ = k_pages.shape
+  P = page_indices.shape[1]
+  sm_scale = D**-0.5 if sm_scale is None else sm_scale
+  k = k_pages[page_indices].reshape(B, P * Z, K, D)
+  v = v_pages[page_indices].reshape(B, P * Z, K, D)
+  k_pos = jnp.arange(P * Z)[None, :]  # [1, S]
+  q_pos = starts[:, None] + jnp.arange(T)[None, :]  # [B, T]
+  visible = _window_mask(q_pos, k_pos, sliding_window) & (k_pos < kv_lens[:, None])[:, None]
+  visible &= (q_pos < kv_lens[:, None])[:, :, None]
+  return _softmax_attend(q, k, v, visible, sm_scale)

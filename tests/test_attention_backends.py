@@ -32,6 +32,33 @@ def test_pallas_generation_reproduces_golden_greedy(pallas_model, golden):
   assert outs[1].token_ids == prompt["greedy"][:8].tolist()
 
 
+@pytest.mark.slow  # default: the paged prefill kernel against its reference
+def test_pallas_chunked_prefill_and_prefix_hits_reproduce_golden_greedy(
+  pallas_model, golden, monkeypatch
+):
+  """Prompts prefilled in chunks of 16 tokens (each after the first continues a cached prefix),
+  then again from the prefix cache: the paged prefill kernel reads the pool in place."""
+  from meshserve.models import attention
+
+  traced = []
+  kernel = attention.paged_prefill_attention
+  monkeypatch.setattr(
+    attention, "paged_prefill_attention", lambda *a, **kw: traced.append(1) or kernel(*a, **kw)
+  )
+  config = EngineConfig(
+    num_pages=64, max_model_len=256, max_batch=2, prefill_segment=0, max_num_batched_tokens=16
+  )
+  llm = LLM(pallas_model, config)
+  chat, prompt = golden.case(3), golden.case(0)
+  for _ in range(2):  # the second pass hits the prefix cache
+    outs = llm.generate(
+      [chat["ids"].tolist(), prompt["ids"].tolist()], SamplingParams(max_tokens=8)
+    )
+    assert outs[0].token_ids == chat["greedy"].tolist()
+    assert outs[1].token_ids == prompt["greedy"][:8].tolist()
+  assert outs[0].num_cached_tokens > 0 and traced
+
+
 def test_xla_generation_reproduces_golden_greedy(golden):
   """Decode through the XLA page walk instead of the compiled kernel."""
   model = load_model("smollm2-135m-instruct", attention="xla")

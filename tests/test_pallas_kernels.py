@@ -15,6 +15,8 @@ from meshserve.pallas_kernels import (
   BlockSizes,
   flash_attention,
   flash_attention_reference,
+  paged_prefill_attention,
+  paged_prefill_attention_reference,
   ragged_paged_attention,
   ragged_paged_attention_reference,
 )
@@ -123,6 +125,38 @@ def test_ragged_paged_attention_matches_reference(mode, D, H, K, Z, window, dtyp
   assert out.shape == q.shape and out.dtype == dtype
   assert not np.isnan(np.asarray(out, np.float32)).any()
   np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+  _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", INTERPRET)
+@pytest.mark.parametrize(
+  ("D", "H", "K", "Z", "T", "window", "dtype"),
+  [
+    (64, 9, 3, 16, 20, None, jnp.float32),  # SmolLM2 heads
+    (128, 8, 1, 32, 37, None, jnp.float32),  # MQA, T not a block multiple
+    (64, 8, 8, 16, 24, 20, jnp.float32),  # MHA, sliding window
+    (128, 24, 8, 32, 16, None, jnp.bfloat16),  # GQA 3
+    (64, 16, 2, 16, 40, 7, jnp.bfloat16),  # GQA 8, a window shorter than a block
+  ],
+)
+def test_paged_prefill_attention_matches_reference(mode, D, H, K, Z, T, window, dtype):
+  """Chunks of T queries over the pool, in blocks of 16: a fresh prompt, a chunk after a
+  cached prefix (not page-aligned), a short chunk padded to T, and an empty row."""
+  rng = np.random.default_rng(D + H + T)
+  P, N = 6, 40
+  starts = jnp.array([0, Z + 3, 5, 0], jnp.int32)
+  kv_lens = starts + jnp.array([T, T, 3, 0], jnp.int32)
+  B = starts.shape[0]
+  page_indices = jnp.asarray(rng.permutation(np.arange(1, N))[: B * P].reshape(B, P), jnp.int32)
+  q = _rand(rng, (B, T, H, D), dtype)
+  k_pages, v_pages = _rand(rng, (N, Z, K, D), dtype), _rand(rng, (N, Z, K, D), dtype)
+  args = (q, k_pages, v_pages, starts, kv_lens, page_indices)
+  out = paged_prefill_attention(
+    *args, sliding_window=window, block_q=16, pages_per_block=2, interpret=INTERPRET[mode]
+  )
+  ref = paged_prefill_attention_reference(*args, sliding_window=window)
+  assert out.shape == q.shape and out.dtype == dtype
+  assert not np.isnan(np.asarray(out, np.float32)).any()
   _close(out, ref, dtype)
 
 
@@ -260,6 +294,16 @@ def test_ragged_paged_attention_compiles_for_tpu(tpu_device, dtype):
     ((64, 8), jnp.int32),
   )
   compiled = ragged_paged_attention.lower(*args).compile()
+  assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_prefill_attention_compiles_for_tpu(tpu_device, dtype):
+  args = _abstract(
+    tpu_device, ((4, 256, 32, 128), dtype), ((512, 16, 8, 128), dtype),
+    ((512, 16, 8, 128), dtype), ((4,), jnp.int32), ((4,), jnp.int32), ((4, 64), jnp.int32),
+  )  # fmt: skip
+  compiled = paged_prefill_attention.lower(*args, sliding_window=512).compile()
   assert "tpu_custom_call" in compiled.as_text()
 
 
