@@ -45,8 +45,13 @@ class Transformer(nnx.Module):
   config switches on. Norm weights are the factor applied (Gemma's checkpoints store it less
   one; the loaders add it back)."""
 
-  def __init__(self, cfg: ModelConfig, attention: AttentionBackend | None = None):
-    self.cfg, self.attention = cfg, attention or AttentionBackend()
+  def __init__(
+    self, cfg: ModelConfig, attention: AttentionBackend | None = None, *, unroll: bool = False
+  ):
+    """unroll: trace every layer instead of one scanned body. Serving scans (one compiled
+    layer, whatever the depth); the layout explorer unrolls a model of one and two layers, as
+    XLA's cost analysis counts a loop's body once however often it runs."""
+    self.cfg, self.attention, self.unroll = cfg, attention or AttentionBackend(), unroll
     L, E, F, V = cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size
     H, K, D, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
     self.embed = _param((V, E), dt, ("vocab", "embed"))
@@ -164,7 +169,7 @@ class Transformer(nnx.Module):
       return (x, kv), None
 
     xs = (layers, jnp.arange(cfg.num_layers), local)
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
+    (x, cache), _ = jax.lax.scan(layer, (x, cache), xs, unroll=self.unroll)
     if logits_at is not None:  # skip the vocab projection of tokens nobody samples from
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, E]
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)

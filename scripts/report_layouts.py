@@ -2,7 +2,7 @@
 machine (no TPU), written to scripts/results/layouts.{md,csv,png}; then the same layouts with
 the vocabulary split over `model` (embedding and head), beside the default table in layouts.md.
 
-  JAX_PLATFORMS=cpu .venv/bin/python scripts/report_layouts.py   # ~6 minutes on 2 cores
+  JAX_PLATFORMS=cpu .venv/bin/python scripts/report_layouts.py   # ~7 minutes on 2 cores
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ engine runs. From the compiled programs it reads:
   given context) and context (at the given batch) that would;
 - the collectives in the compiled HLO, by kind, with count and bytes (ops inside the layer loop
   count once per layer);
-- XLA's cost-model time per step (`optimal_seconds`) where the backend reports one, the
-  tokens/s per chip it implies, and its ratio to the step's HBM roofline;
+- the decode step's bytes and FLOPs by XLA's cost analysis with every layer counted (the
+  analysis counts a loop body once: `decode_costs` compiles unrolled stand-ins), per output
+  token, and the time they take at the chip's peak bandwidth and FLOP rate, never below the
+  roofline of what the step must read (each device's weights and its rows' live KV); the
+  tokens/s per chip that time implies; rows ranked by bytes per token;
 - the compile time.
 A layout that cannot work gets a row that says why instead of a crash.
 

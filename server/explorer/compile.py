@@ -31,14 +31,19 @@ class StepReport:
   compile_s: float
   temp_bytes: int  # per device
   collectives: dict[str, tuple[int, int]]  # kind -> (count per step, bytes per step)
-  seconds: float | None  # XLA's cost model, where the backend has one
+  # Per device, XLA's cost analysis: a scanned layer counts once, except in a report's decode
+  # step, where every layer counts (decode_costs); the time its bytes and FLOPs take at the
+  # chip's peak (Chip.seconds; TPU targets only) is set there too
   flops: float | None
   bytes_accessed: float | None
+  seconds: float | None = None
 
 
 @dataclasses.dataclass
 class LayoutReport:
   layout: str
+  num_devices: int = 1
+  batch: int = 1  # decode rows per step
   error: str | None = None  # why this layout cannot work; the rest is then empty
   overflow: str | None = None  # the TPU compiler refused it for HBM: no step reports
   weight_bytes: int = 0  # per device
@@ -49,8 +54,18 @@ class LayoutReport:
   max_context: int | None = None  # at the given batch
   decode: StepReport | None = None
   prefill: StepReport | None = None
-  tokens_per_s_per_chip: float | None = None  # decode, from the cost model
-  roofline_s: float | None = None  # decode step: (weights + KV) bytes / HBM bandwidth
+  # A decode step must read each device's weights and its rows' live KV (at full context):
+  min_bytes: int = 0  # per device
+  roofline_s: float | None = None  # min_bytes / HBM bandwidth
+  step_s: float | None = None  # predicted decode step: the cost model's, never below roofline_s
+  tokens_per_s_per_chip: float | None = None  # decode, at step_s
+
+  def per_token(self, value: float | None) -> float | None:
+    """A decode step's per-device `value` (bytes, FLOPs), summed over the devices and shared
+    by the `batch` tokens the step makes: what one output token costs the whole slice."""
+    if value is None or self.decode is None:
+      return None
+    return value * self.num_devices / self.batch
 
 
 def explore(
@@ -67,7 +82,7 @@ def explore(
   ModelConfig. shape: default ServingShape(). dtype: default bfloat16 on TPU, float32 on CPU."""
   shape = shape or ServingShape()
   config = _config(model)
-  devices, chip, hbm, bandwidth = target_devices(target)
+  devices, chip, specs = target_devices(target)
   if dtype is None:
     dtype = jnp.bfloat16 if chip != "cpu" else jnp.float32
   config = dataclasses.replace(config, dtype=dtype)
@@ -78,7 +93,7 @@ def explore(
     layout = Layout.parse(text)
     if rules is not None:
       layout = dataclasses.replace(layout, rules=rules)
-    reports.append(_one(config, layout, text, devices, chip, hbm, bandwidth, shape))
+    reports.append(_one(config, layout, text, devices, chip, specs, shape))
   return reports
 
 
@@ -100,8 +115,8 @@ def _config(model):
   return GGUFFile(path).config(name)
 
 
-def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutReport:
-  report = LayoutReport(text)
+def _one(config, layout, text, devices, chip, specs, shape) -> LayoutReport:
+  report = LayoutReport(text, layout.num_devices, shape.batch)
   if layout.num_devices > len(devices):
     report.error = f"needs {layout.num_devices} devices, the target has {len(devices)}"
     return report
@@ -113,6 +128,7 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
     report.error = f"decode batch {shape.batch} not divisible by dp={layout.data}"
     return report
   mesh = Mesh(np.asarray(devices[: layout.num_devices]).reshape(layout.data, layout.model), AXES)
+  hbm = None if specs is None else specs.hbm_bytes
   try:
     graphdef, state, weight_bytes = _abstract_model(config, layout, mesh, chip)
     cache, kv_bytes = _abstract_cache(config, layout, mesh, shape)
@@ -122,6 +138,10 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
     prefill = (layout.data, shape.prefill, -(-shape.prefill // shape.page_size))
     report.decode = _compile(graphdef, state, cache, layout, mesh, decode, shape, config)
     report.prefill = _compile(graphdef, state, cache, layout, mesh, prefill, shape, config)
+    d = report.decode
+    d.flops, d.bytes_accessed = decode_costs(config, layout, mesh, chip, decode, shape)
+    if specs is not None and d.flops is not None and d.bytes_accessed is not None:
+      d.seconds = specs.seconds(d.bytes_accessed, d.flops)
   except Exception as e:  # noqa: BLE001 - a layout XLA cannot compile gets a row saying so
     first = str(e).splitlines()[0]
     if "Ran out of memory" in first:  # the TPU compiler's own check: the sizes still show
@@ -137,26 +157,86 @@ def _one(config, layout, text, devices, chip, hbm, bandwidth, shape) -> LayoutRe
   # A device holds its replica's slice of the pool: bytes per token of one of its own rows.
   per_token = kv_bytes * layout.data / (shape.num_pages(layout.data) * shape.page_size)
   temps = max(report.decode.temp_bytes, report.prefill.temp_bytes)
+  # A decode step reads every weight shard once and, at full context, its rows' live KV.
+  report.min_bytes = int(weight_bytes + per_token * shape.context * shape.batch / layout.data)
   if hbm is not None:
     used = weight_bytes + kv_bytes + temps
     report.fits = used <= hbm
     room = hbm - weight_bytes - temps
     report.max_batch = max(int(room // (per_token * shape.context)), 0) * layout.data
     report.max_context = max(int(room // (per_token * shape.batch / layout.data)), 0)
-    # A decode step reads every weight shard once and, at full context, every row's KV.
-    report.roofline_s = (weight_bytes + kv_bytes) / bandwidth
+    report.roofline_s = report.min_bytes / specs.bandwidth
   if report.decode.seconds:
-    report.tokens_per_s_per_chip = shape.batch / report.decode.seconds / layout.num_devices
+    # The cost model may think a step faster than its bytes allow; the bytes win.
+    report.step_s = max(report.decode.seconds, report.roofline_s or 0.0)
+    report.tokens_per_s_per_chip = shape.batch / report.step_s / layout.num_devices
   return report
 
 
-def _abstract_model(config, layout, mesh, chip):
+# The depths of the unrolled stand-ins decode_costs compiles. Shallower ones mislead: XLA's
+# cost analysis of a 2-layer Llama-3-8B step counted more bytes than a 4-layer one's.
+STAND_IN_DEPTHS = (4, 8)
+
+
+def decode_costs(config, layout, mesh, chip, step_shape, shape) -> tuple[float | None, ...]:
+  """(FLOPs, bytes accessed) per device of one decode step by XLA's cost analysis, every layer
+  counted. (Its own time, `optimal_seconds`, is no use: each Pallas call makes it negative. The
+  time is these through the chip's roofline, `Chip.seconds`.)
+
+  The analysis counts a while loop's body once, so a scanned stack of L layers costs what one
+  layer does. So the step is compiled again, unrolled: whole when L <= b, else for a and b
+  layers (STAND_IN_DEPTHS; no weights, a minute at most) over the real pool (its size sways
+  how XLA counts the KV writes), and the costs, linear in the depth, are extended to L:
+  c(L) = c(a) + (L - a) * (c(b) - c(a)) / (b - a). A stack that mixes local and global layers
+  stands in as alternating ones: the real stack's scanned body holds both kinds anyway.
+
+  Under dp, one replica stands in: its rows and its slice of the pool on its own tp devices,
+  the work each device does in the real step (less the gather of the sampled rows, a few KiB).
+  An unrolled dp step trips a check in libtpu's SPMD partitioner, which aborts the process."""
+  if layout.data > 1:
+    dp = layout.data
+    rows, tokens, pages = step_shape
+    step_shape = (rows // dp, tokens, pages)
+    pool = None if shape.pool_pages is None else shape.pool_pages // dp
+    shape = dataclasses.replace(shape, batch=shape.batch // dp, pool_pages=pool)
+    layout = dataclasses.replace(layout, data=1)
+    mesh = Mesh(mesh.devices[:1], AXES)
+  cache, _ = _abstract_cache(config, layout, mesh, shape)  # the real pool, every layer's
+  (a, b), layers = STAND_IN_DEPTHS, config.num_layers
+  if layers <= b:  # shallow enough to unroll whole
+    graphdef, state, _ = _abstract_model(config, layout, mesh, chip, unroll=True)
+    step = _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config)
+    return step.flops, step.bytes_accessed
+  costs = []
+  for depth in STAND_IN_DEPTHS:
+    small = dataclasses.replace(config, num_layers=depth, sliding_layers=_pattern(config, depth))
+    graphdef, state, _ = _abstract_model(small, layout, mesh, chip, unroll=True)
+    step = _compile(graphdef, state, cache, layout, mesh, step_shape, shape, small)
+    costs.append((step.flops, step.bytes_accessed))
+  return tuple(
+    None if ca is None or cb is None else ca + (layers - a) * (cb - ca) / (b - a)
+    for ca, cb in zip(*costs, strict=True)
+  )
+
+
+def _pattern(config, depth: int) -> tuple[bool, ...] | None:
+  """The sliding_layers of a `depth`-layer stand-in for the stack: alternating when the stack
+  mixes local and global layers, else the stack's own kind."""
+  if config.sliding_layers is None:
+    return None
+  kinds = set(config.sliding_layers)
+  if len(kinds) > 1:
+    return tuple(i % 2 == 0 for i in range(depth))
+  return (kinds.pop(),) * depth
+
+
+def _abstract_model(config, layout, mesh, chip, *, unroll: bool = False):
   from flax import nnx
 
   from meshserve.models import AttentionBackend, Transformer
 
   attention = AttentionBackend("pallas" if chip != "cpu" else "xla", rules=layout.rules)
-  module = nnx.eval_shape(lambda: Transformer(config, attention))
+  module = nnx.eval_shape(lambda: Transformer(config, attention, unroll=unroll))
   graphdef, abstract = nnx.split(module)
   shardings = param_shardings(abstract, layout, mesh)
 
@@ -220,7 +300,6 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
     compile_s=compile_s,
     temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0) or 0),
     collectives=collectives(compiled.as_text(), config.num_layers),
-    seconds=seconds if (seconds := cost.get("optimal_seconds", -1)) > 0 else None,
     flops=cost.get("flops"),
     bytes_accessed=cost.get("bytes accessed"),
   )

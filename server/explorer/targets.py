@@ -16,12 +16,25 @@ from meshserve.sharding import (
   Rules,
 )
 
-# Per chip: HBM bytes and peak HBM bandwidth (bytes/s), from the public Cloud TPU specs.
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One chip's public Cloud TPU specs."""
+
+  hbm_bytes: int
+  bandwidth: float  # peak HBM bytes/s
+  flops: float  # peak bfloat16 FLOP/s
+
+  def seconds(self, bytes_accessed: float, flops: float) -> float:
+    """The roofline: a step takes at least its bytes' time and at least its FLOPs' time."""
+    return max(bytes_accessed / self.bandwidth, flops / self.flops)
+
+
 CHIPS = {
-  "v4": (32 << 30, 1.2e12),
-  "v5e": (16 << 30, 8.19e11),
-  "v5p": (95 << 30, 2.765e12),
-  "v6e": (32 << 30, 1.64e12),
+  "v4": Chip(32 << 30, 1.2e12, 275e12),
+  "v5e": Chip(16 << 30, 8.19e11, 197e12),
+  "v5p": Chip(95 << 30, 2.765e12, 459e12),
+  "v6e": Chip(32 << 30, 1.64e12, 918e12),
 }
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -147,8 +160,8 @@ def load_rules(path: str | pathlib.Path) -> Rules:
   return dataclasses.replace(MEGATRON, **table)
 
 
-def target_devices(target: str) -> tuple[list, str, int | None, float | None]:
-  """(devices, chip kind, HBM bytes per chip, HBM bandwidth) of 'tpu:v5e:2x4' or 'cpu:N'."""
+def target_devices(target: str) -> tuple[list, str, Chip | None]:
+  """(devices, chip kind, its specs) of 'tpu:v5e:2x4' or 'cpu:N' (no specs)."""
   platform, _, rest = target.partition(":")
   if platform == "tpu":
     from jax.experimental import topologies
@@ -157,7 +170,7 @@ def target_devices(target: str) -> tuple[list, str, int | None, float | None]:
     if chip not in CHIPS:
       raise ValueError(f"target {target!r}: unknown TPU {chip!r}; known: {', '.join(CHIPS)}")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=rest).devices
-    return list(devices), chip, *CHIPS[chip]
+    return list(devices), chip, CHIPS[chip]
   if platform == "cpu":
     if not rest.isdigit() or int(rest) < 1:
       raise ValueError(f"target {target!r}: expected cpu:N")
@@ -166,5 +179,5 @@ def target_devices(target: str) -> tuple[list, str, int | None, float | None]:
       raise ValueError(
         f"target {target!r}: {len(devices)} CPU devices; fake more with --cpu-devices {rest}"
       )
-    return devices[: int(rest)], "cpu", None, None
+    return devices[: int(rest)], "cpu", None
   raise ValueError(f"target {target!r}: expected tpu:CHIP:TOPOLOGY (e.g. tpu:v5e:2x4) or cpu:N")
