@@ -49,16 +49,11 @@ def ragged_paged_attention_reference(
   """q [B, H, D] (each sequence's newest token), pages [N, Z, K, D], kv_lens [B],
   page_indices [B, P] -> [B, H, D] float32. Sequence b's tokens are the first kv_lens[b]
   slots of its pages, the newest token last; a sequence of length 0 gets zeros."""
-  B, H, D = q.shape
-  N, Z, K, _ = k_pages.shape
-  P = page_indices.shape[1]
-  sm_scale = D**-0.5 if sm_scale is None else sm_scale
-  k = k_pages[page_indices].reshape(B, P * Z, K, D)
-  v = v_pages[page_indices].reshape(B, P * Z, K, D)
-  k_pos = jnp.arange(P * Z)[None, :]  # [1, S]
-  q_pos = (kv_lens - 1)[:, None]  # [B, 1]
-  visible = _window_mask(q_pos, k_pos, sliding_window) & (k_pos < kv_lens[:, None])[:, None]
-  return _softmax_attend(q[:, None], k, v, visible, sm_scale)[:, 0]
+  starts = jnp.maximum(kv_lens - 1, 0)  # the newest token's position
+  return paged_prefill_attention_reference(
+    q[:, None], k_pages, v_pages, starts, kv_lens, page_indices, sm_scale=sm_scale,
+    sliding_window=sliding_window,
+  )[:, 0]  # fmt: skip
 
 
 def paged_prefill_attention_reference(
