@@ -98,27 +98,39 @@ def test_dp_replicas_store_and_write_only_their_own_kv():
 def test_decode_costs_count_every_layer():
   """XLA's cost analysis counts a scanned layer once; the explorer counts every layer. Four
   more layers add at least their weights and their rows' live KV to a decode step's bytes, and
-  their matmuls to its FLOPs. Up to 8 layers the step is compiled unrolled whole; deeper ones
-  are extended from stand-ins of 4 and 8 layers, and eight more layers add twice what four do."""
-  cfg = dataclasses.replace(SMALL, head_dim=128)
-  four, eight, sixteen = (
-    ex.explore(dataclasses.replace(cfg, num_layers=n), TARGET, ["tp=4"], SHAPE, progress=False)[0]
-    for n in (4, 8, 16)
-  )
-  E, H, K, D, F, tp = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, 128, cfg.mlp_dim, 4
-  layer_params = (2 * E * H * D + 2 * E * K * D + 3 * E * F) / tp  # per device
-  live_kv = SHAPE.batch * SHAPE.context * (K // tp) * D * 2 * 2  # k and v, bfloat16
-  assert eight.decode.bytes_accessed - four.decode.bytes_accessed >= 4 * (
-    2 * layer_params + live_kv
-  )
-  matmuls = 4 * 2 * SHAPE.batch * layer_params
-  assert eight.decode.flops - four.decode.flops == pytest.approx(matmuls, rel=0.2)
-  assert sixteen.decode.flops - eight.decode.flops == pytest.approx(2 * matmuls, rel=0.2)
-  assert sixteen.decode.bytes_accessed - eight.decode.bytes_accessed >= 8 * (
-    2 * layer_params + live_kv
-  )
-  for r in (four, eight, sixteen):  # no step is predicted faster than its bytes allow
+  their matmuls to its FLOPs (up to 8 layers the step is compiled unrolled, whole)."""
+  four, eight = (_explore_depth(n) for n in (4, 8))
+  per_layer, matmuls = _layer_minimum()
+  assert eight.decode.bytes_accessed - four.decode.bytes_accessed >= 4 * per_layer
+  assert eight.decode.flops - four.decode.flops == pytest.approx(4 * matmuls, rel=0.2)
+  for r in (four, eight):  # no step is predicted faster than its bytes allow
     assert r.step_s >= r.roofline_s > 0 and r.step_s >= r.decode.seconds > 0
+
+
+@pytest.mark.slow  # default: 4 and 8 layers, compiled whole
+def test_deeper_stacks_extend_their_stand_ins():
+  """16 layers: costs extended from unrolled stand-ins of 4 and 8 layers. The eight layers past
+  8 add at least their weights and live KV, and their matmuls."""
+  eight, sixteen = (_explore_depth(n) for n in (8, 16))
+  per_layer, matmuls = _layer_minimum()
+  assert sixteen.decode.bytes_accessed - eight.decode.bytes_accessed >= 8 * per_layer
+  assert sixteen.decode.flops - eight.decode.flops == pytest.approx(8 * matmuls, rel=0.2)
+  assert sixteen.step_s >= sixteen.roofline_s > 0
+
+
+def _explore_depth(layers: int) -> ex.LayoutReport:
+  cfg = dataclasses.replace(SMALL, head_dim=128, num_layers=layers)
+  return ex.explore(cfg, TARGET, ["tp=4"], SHAPE, progress=False)[0]
+
+
+def _layer_minimum() -> tuple[float, float]:
+  """(bytes, FLOPs) per device that one more layer of SMALL (head dim 128) at tp=4 adds to a
+  decode step at least: its weights and its rows' live KV read once; its matmuls."""
+  E, H, K, F, tp = SMALL.embed_dim, SMALL.num_heads, SMALL.num_kv_heads, SMALL.mlp_dim, 4
+  D = 128
+  params = (2 * E * H * D + 2 * E * K * D + 3 * E * F) / tp
+  live_kv = SHAPE.batch * SHAPE.context * (K // tp) * D * 2 * 2  # k and v, bfloat16
+  return 2 * params + live_kv, 2 * SHAPE.batch * params
 
 
 def test_decode_bytes_do_not_grow_with_the_pool():

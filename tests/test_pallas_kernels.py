@@ -100,7 +100,10 @@ def test_flash_attention_matches_reference(mode, D, H, K, T, S, window, causal, 
   _close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("mode", INTERPRET)
+@pytest.mark.parametrize(
+  "mode",  # default: TPU interpret mode, which runs the DMAs and semaphores as a TPU would
+  [pytest.param("interpret", marks=pytest.mark.slow), "tpu_interpret"],
+)
 @pytest.mark.parametrize(
   ("D", "H", "K", "Z", "window", "dtype"),
   [
@@ -128,7 +131,10 @@ def test_ragged_paged_attention_matches_reference(mode, D, H, K, Z, window, dtyp
   _close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("mode", INTERPRET)
+@pytest.mark.parametrize(
+  "mode",  # default: TPU interpret mode, which runs the DMAs and semaphores as a TPU would
+  [pytest.param("interpret", marks=pytest.mark.slow), "tpu_interpret"],
+)
 @pytest.mark.parametrize(
   ("D", "H", "K", "Z", "T", "window", "dtype"),
   [
@@ -271,6 +277,14 @@ def tpu_device(request):
   return topology.devices[0]
 
 
+@pytest.fixture(scope="module")
+def v5e_device():
+  """The cost checks' one topology (the issue's): v6e compiles the same kernel."""
+  from jax.experimental import topologies
+
+  return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices[0]
+
+
 def _abstract(device, *shapes_dtypes):
   sharding = jax.sharding.SingleDeviceSharding(device)
   return [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes_dtypes]
@@ -319,26 +333,26 @@ def _kernel_cost(device, B, P, N, window=None, H=4, K=1, D=128):
   return cost["bytes accessed"], cost["flops"]
 
 
-def test_ragged_paged_attention_costs_follow_the_live_kv_not_the_page_table(tpu_device):
+def test_ragged_paged_attention_costs_follow_the_live_kv_not_the_page_table(v5e_device):
   """The kernel's work follows each row's live pages, so its cost estimate does not follow the
   page table's width: it reads at most the pool (sized for the live context), once. Twice the
   table at the same pool costs the same; twice the context (table and pool) costs twice; a
   window of 1024 over 8k tokens costs about an eighth (its blocks, rounded to whole ones)."""
   B, P = 64, 128  # 2048 tokens a row at page size 16
-  base = _kernel_cost(tpu_device, B, P, B * P)
-  wide = _kernel_cost(tpu_device, B, 2 * P, B * P)
-  longer = _kernel_cost(tpu_device, B, 2 * P, 2 * B * P)
+  base = _kernel_cost(v5e_device, B, P, B * P)
+  wide = _kernel_cost(v5e_device, B, 2 * P, B * P)
+  longer = _kernel_cost(v5e_device, B, 2 * P, 2 * B * P)
   for a, b, c in zip(base, wide, longer, strict=True):
     assert b <= 1.05 * a and 1.9 < c / a < 2.05
-  full = _kernel_cost(tpu_device, B, 4 * P, 4 * B * P)
-  window = _kernel_cost(tpu_device, B, 4 * P, 4 * B * P, window=1024)
+  full = _kernel_cost(v5e_device, B, 4 * P, 4 * B * P)
+  window = _kernel_cost(v5e_device, B, 4 * P, 4 * B * P, window=1024)
   assert 0.1 < window[0] / full[0] < 0.16 and 0.1 < window[1] / full[1] < 0.16
 
 
-def test_ragged_paged_attention_compiles_for_256_rows_of_32k_tokens(tpu_device):
+def test_ragged_paged_attention_compiles_for_256_rows_of_32k_tokens(v5e_device):
   """The page table reaches SMEM a row at a time: 256 rows x 2048 pages (32k tokens at page
   size 16), over a pool that fits one chip, compile (the whole table in SMEM did not)."""
-  _kernel_cost(tpu_device, 256, 2048, 16384)
+  _kernel_cost(v5e_device, 256, 2048, 16384)
 
 
 def test_model_decode_reads_the_pool_in_place_on_tpu(tpu_device):

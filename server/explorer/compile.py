@@ -136,10 +136,16 @@ def _one(config, layout, text, devices, chip, specs, shape) -> LayoutReport:
     decode = (shape.batch, 1, shape.pages_per_seq)
     # One prompt per data replica: a dp step's rows split evenly over them.
     prefill = (layout.data, shape.prefill, -(-shape.prefill // shape.page_size))
-    report.decode = _compile(graphdef, state, cache, layout, mesh, decode, shape, config)
     report.prefill = _compile(graphdef, state, cache, layout, mesh, prefill, shape, config)
+    if config.num_layers <= STAND_IN_DEPTHS[-1] and layout.data == 1:
+      # Shallow: one unrolled compile, whose cost analysis counts every layer, serves all.
+      unrolled = _abstract_model(config, layout, mesh, chip, unroll=True)[:2]
+      report.decode = _compile(*unrolled, cache, layout, mesh, decode, shape, config)
+    else:
+      report.decode = _compile(graphdef, state, cache, layout, mesh, decode, shape, config)
+      costs = decode_costs(config, layout, mesh, chip, decode, shape)
+      report.decode.flops, report.decode.bytes_accessed = costs
     d = report.decode
-    d.flops, d.bytes_accessed = decode_costs(config, layout, mesh, chip, decode, shape)
     if specs is not None and d.flops is not None and d.bytes_accessed is not None:
       d.seconds = specs.seconds(d.bytes_accessed, d.flops)
   except Exception as e:  # noqa: BLE001 - a layout XLA cannot compile gets a row saying so
