@@ -286,7 +286,8 @@ def ragged_paged_attention(
     layer: the layer of a [L, N, Z, K, D] pool to attend to (an int32 scalar, traced or not).
     sm_scale: softmax scale, default D ** -0.5.
     sliding_window: attend only to the newest `sliding_window` tokens.
-    pages_per_block: pages fetched per block (fewer when P is smaller).
+    pages_per_block: pages fetched per block, at most (fewer when P is smaller, or where a
+      block would pass KEY_ROWS token x kv-head rows).
     interpret: run the kernel in interpret mode (True, or `pltpu.InterpretParams()`).
 
   Returns:
