@@ -44,14 +44,21 @@ def save_checkpoint(model: Model, dst: str | pathlib.Path) -> pathlib.Path:
   dst = pathlib.Path(dst).absolute()
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     raise ValueError(f"checkpoint destination {dst} exists and is not an empty directory")
+  # bfloat16 weights kept as bits on CPU (models.precision) are saved as bfloat16.
+  params = jax.tree.map(precision.values, nnx.to_pure_dict(model.state))
+  return write(dst, params, model.config, model.tokenizer)
+
+
+def write(dst: pathlib.Path, params, config: ModelConfig, tokenizer: Tokenizer) -> pathlib.Path:
+  """Writes a checkpoint of `params` (a pure dict of arrays, as `nnx.to_pure_dict` gives it,
+  in `config.dtype`) to `dst`, the metadata last."""
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as ckpt:
-    # bfloat16 weights kept as bits on CPU (models.precision) are saved as bfloat16.
-    ckpt.save(dst / "params", jax.tree.map(precision.values, nnx.to_pure_dict(model.state)))
+    ckpt.save(dst / "params", params)
   if jax.process_index() == 0:
-    config = dataclasses.asdict(model.config) | {"dtype": jnp.dtype(model.config.dtype).name}
-    tok = model.tokenizer
+    config = dataclasses.asdict(config) | {"dtype": jnp.dtype(config.dtype).name}
+    tok = tokenizer
     meta = {
       "format": FORMAT,
       "config": config,

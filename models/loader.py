@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from meshserve.models import checkpoint, cpu_kernels, hf_loader, precision
+from meshserve.models import checkpoint, converted, cpu_kernels, hf_loader, precision
 from meshserve.models.attention import AttentionBackend
 from meshserve.models.config import ModelConfig
 from meshserve.models.gguf_loader import GGUFFile, load_weights
@@ -228,10 +228,17 @@ Loaded = tuple[ModelConfig, Tokenizer, Transformer]
 
 def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
   name, path = resolve(name_or_path)
+  kept = converted.entry(path)
+  if kept is not None and checkpoint.is_checkpoint(kept):
+    log.info("restoring %s, converted before, from %s", path.name, kept)
+    return _load_checkpoint(kept, dtype, attention, layout, mesh)
   f = GGUFFile(path)
-  config = dataclasses.replace(f.config(name), dtype=dtype)
+  config = f.config(name)
   tokenizer = Tokenizer.from_gguf(f)
-  weights = load_weights(f, config)
+  weights = load_weights(f, config)  # float32
+  if kept is not None:
+    converted.store(kept, weights, config, tokenizer)
+  config = dataclasses.replace(config, dtype=dtype)
   module = nnx.eval_shape(lambda: Transformer(config, attention))
   state = nnx.state(module)
   for key, value in weights.items():

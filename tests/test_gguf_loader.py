@@ -1,5 +1,7 @@
 """The GGUF reader: metadata, dequantization by hand, and the RoPE row permutation."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,42 @@ def test_an_unsupported_quant_type_is_refused_by_tensor_name(tmp_path):
   w.close()
   with pytest.raises(ValueError, match="blk.0.attn_q.weight: unsupported GGUF tensor type IQ4_NL"):
     GGUFFile(tmp_path / "iq.gguf").tensor("blk.0.attn_q.weight")
+
+
+def test_a_second_load_restores_the_converted_model_bit_for_bit(tmp_path, monkeypatch):
+  """The first load of a GGUF keeps its float32 parameters in the converted-model cache; the
+  next restores them: the same config, tokenizer and parameters, exactly, in float32 and in
+  bfloat16 (cast as the GGUF path casts). A changed file is another entry."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from meshserve.models import checkpoint, converted, load_model, precision
+
+  monkeypatch.setenv("MESHSERVE_CACHE", str(tmp_path))
+  path = MODELS["smollm2-135m-instruct"].path()
+  kept = converted.entry(path)
+  assert kept.parent == tmp_path / "models" and not kept.exists()
+  parsed = load_model("smollm2-135m-instruct")
+  assert checkpoint.is_checkpoint(kept)
+  restored = load_model("smollm2-135m-instruct")
+  assert restored.config == parsed.config
+  text = "The capital of France is <|im_end|> ünïcödé"
+  assert restored.tokenizer.encode(text) == parsed.tokenizer.encode(text)
+  assert restored.tokenizer.chat_template == parsed.tokenizer.chat_template
+  want = nnx.to_pure_dict(parsed.state)
+  for name, got in nnx.to_pure_dict(restored.state).items():
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want[name]), err_msg=name)
+  bf16 = load_model("smollm2-135m-instruct", dtype=jnp.bfloat16)  # from the cache too
+  for name, got in nnx.to_pure_dict(bf16.state).items():
+    value = np.asarray(want[name])
+    expected = value if name.endswith("norm") else value.astype(jnp.bfloat16)
+    got = np.asarray(jax.tree.map(precision.values, got))
+    np.testing.assert_array_equal(got, expected, err_msg=name)
+  other = tmp_path / "copy.gguf"
+  other.write_bytes(b"not read")
+  first = converted.entry(other)
+  os.utime(other, ns=(1, 1))
+  assert converted.entry(other) != first
+  monkeypatch.setenv("MESHSERVE_MODEL_CACHE", "0")
+  assert converted.entry(path) is None
