@@ -113,7 +113,7 @@ def test_a_small_decode_pool_makes_imports_wait_and_preempts_yet_every_output_is
   stage, and every request still gives its colocated tokens."""
   decode = EngineConfig(num_pages=12, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
   engine = make(decode=decode)
-  params = SamplingParams(max_tokens=60, ignore_eos=True)
+  params = SamplingParams(max_tokens=40, ignore_eos=True)  # 4 pages each; 11 in the pool
   prompts = [f"Story number {i}: once upon a time" for i in range(4)]
 
   async def main():

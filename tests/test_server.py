@@ -5,6 +5,7 @@ in this process on an `LLM` with the server's engine shape, one request at a tim
 """
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import pathlib
@@ -94,26 +95,40 @@ def test_a_client_built_from_reflection_alone(server):
 
 
 def test_golden_prompts_equal_offline_outputs_greedy_and_seeded(stub, offline, golden, model):
-  seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
-  for i in range(golden.n):
-    case = golden.case(i)
+  """Each golden prompt, greedy and seeded, one request at a time; the offline references run
+  on a thread of this process while the server answers."""
+  cases = [golden.case(i) for i in range(golden.n)]
+  seeded = dict(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+  sampling = [(dict(max_tokens=len(case["greedy"])), seeded) for case in cases]
+
+  def references():
+    return [
+      [offline.generate(case["ids"].tolist(), SamplingParams(**kw))[0] for kw in ways]
+      for case, ways in zip(cases, sampling, strict=True)
+    ]
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    wanted = pool.submit(references)
+    served = [
+      [
+        collect(
+          stub, pb.GenerateRequest(token_ids=case["ids"].tolist(), sampling=pb.SamplingParams(**kw))
+        )
+        for kw in ways
+      ]
+      for case, ways in zip(cases, sampling, strict=True)
+    ]
+    wanted = wanted.result(timeout=300)
+  for case, (greedy, sampled), (want_greedy, want_seeded) in zip(
+    cases, served, wanted, strict=True
+  ):
     prompt = case["ids"].tolist()
-    greedy = SamplingParams(max_tokens=len(case["greedy"]))
-    want = offline.generate(prompt, greedy)[0]
-    ids, text, last = collect(
-      stub,
-      pb.GenerateRequest(
-        token_ids=prompt, sampling=pb.SamplingParams(max_tokens=len(case["greedy"]))
-      ),
-    )
-    assert (ids, text) == (want.token_ids, want.text)
+    ids, text, last = greedy
+    assert (ids, text) == (want_greedy.token_ids, want_greedy.text)
     assert_greedy_equal(model, prompt, case["greedy"].tolist(), ids)
     assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == len(ids)
-
-    want = offline.generate(prompt, seeded)[0]
-    sampling = pb.SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
-    ids, text, _ = collect(stub, pb.GenerateRequest(token_ids=prompt, sampling=sampling))
-    assert (ids, text) == (want.token_ids, want.text)
+    ids, text, _ = sampled
+    assert (ids, text) == (want_seeded.token_ids, want_seeded.text)
 
 
 def test_chat_and_text_inputs_are_templated_and_tokenized_as_offline(stub, offline, golden):
