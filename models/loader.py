@@ -248,7 +248,10 @@ def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
     # In the parameter's own dtype (norm scales stay float32); on the host until placed below.
     param.set_value(np.asarray(value, param.get_value().dtype))
   if mesh is None:
-    state = jax.tree.map(jnp.asarray, state)
+    # Committed to the device, as a restored or a Hugging Face model's are: one model, one
+    # compiled step, whatever it was loaded from (the persistent compilation cache's key
+    # includes the parameters' placement).
+    state = jax.device_put(state, SingleDeviceSharding(jax.devices()[0]))
   else:
     state = shard_state(state, param_shardings(state, layout, mesh))
   nnx.update(module, state)
