@@ -229,6 +229,12 @@ def test_paged_cache_forward_matches_single_device(sharded, model, golden):
   np.testing.assert_allclose(ref[0, 0], model.logits(prompts[0])[-1], atol=ATOL)
 
 
+# The whole engine, on every layout but tp=4: its pool is placed as tp=8's (3 kv heads do not
+# split four ways) and its MLP split four ways as dp=2,tp=4's, which both run the engine.
+ENGINE_LAYOUTS = [p for p in LAYOUTS if p != "tp=4"]
+
+
+@pytest.mark.parametrize("sharded", ENGINE_LAYOUTS, indirect=True)
 def test_engine_greedy_matches_single_device(sharded, llm, model, golden):
   """The whole engine on a sharded model (pool split by the rules, rows over `data`) gives
   exactly the single-device tokens."""
