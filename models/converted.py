@@ -44,6 +44,11 @@ def entry(path: pathlib.Path) -> pathlib.Path | None:
   return cpu_kernels.cache_dir() / "models" / f"{path.stem}-{key.hexdigest()[:16]}"
 
 
+def discard(dst: pathlib.Path) -> None:
+  """Removes an entry that could not be restored, so that the next load writes it anew."""
+  shutil.rmtree(dst, ignore_errors=True)
+
+
 def store(dst: pathlib.Path, params: dict, cfg: config.ModelConfig, tok: tokenizer.Tokenizer):
   """Writes an entry (float32 `params` keyed as the model's state); a failure (a full disk, a
   read-only cache) is logged and costs only the next load's time."""

@@ -231,7 +231,13 @@ def _load_gguf(name_or_path, dtype, attention, layout, mesh) -> Loaded:
   kept = converted.entry(path)
   if kept is not None and checkpoint.is_checkpoint(kept):
     log.info("restoring %s, converted before, from %s", path.name, kept)
-    return _load_checkpoint(kept, dtype, attention, layout, mesh)
+    try:
+      return _load_checkpoint(kept, dtype, attention, layout, mesh)
+    except Exception as e:  # noqa: BLE001 - e.g. damaged on disk: convert it again
+      log.warning(
+        "could not restore %s (%s: %s); converting %s again", kept, type(e).__name__, e, path.name
+      )
+      converted.discard(kept)
   f = GGUFFile(path)
   config = f.config(name)
   tokenizer = Tokenizer.from_gguf(f)

@@ -1,5 +1,6 @@
 """The GGUF reader: metadata, dequantization by hand, and the RoPE row permutation."""
 
+import json
 import os
 
 import numpy as np
@@ -181,6 +182,12 @@ def test_a_second_load_restores_the_converted_model_bit_for_bit(tmp_path, monkey
     expected = value if name.endswith("norm") else value.astype(jnp.bfloat16)
     got = np.asarray(jax.tree.map(precision.values, got))
     np.testing.assert_array_equal(got, expected, err_msg=name)
+  # An entry that cannot be restored (damaged, or written by another format) is converted again.
+  meta = kept / checkpoint.META
+  meta.write_text(meta.read_text().replace('"format": ', '"format": 0 and '))
+  again = load_model("smollm2-135m-instruct")
+  assert json.loads(meta.read_text())["format"] == checkpoint.FORMAT  # written anew
+  np.testing.assert_array_equal(np.asarray(nnx.to_pure_dict(again.state)["embed"]), want["embed"])
   other = tmp_path / "copy.gguf"
   other.write_bytes(b"not read")
   first = converted.entry(other)
