@@ -58,16 +58,15 @@ def write(dst: pathlib.Path, params, config: ModelConfig, tokenizer: Tokenizer) 
     ckpt.save(dst / "params", params)
   if jax.process_index() == 0:
     config = dataclasses.asdict(config) | {"dtype": jnp.dtype(config.dtype).name}
-    tok = tokenizer
     meta = {
       "format": FORMAT,
       "config": config,
       "tokenizer": {
-        "hf": json.loads(tok.hf.to_str()),
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "add_bos": tok.add_bos,
-        "chat_template": tok.chat_template,
+        "hf": json.loads(tokenizer.hf.to_str()),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "add_bos": tokenizer.add_bos,
+        "chat_template": tokenizer.chat_template,
       },
     }
     (dst / META).write_text(json.dumps(meta))
