@@ -12,6 +12,7 @@ XLA path.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -75,8 +76,18 @@ def build() -> pathlib.Path:
   if library.exists():
     return library
   cache.mkdir(parents=True, exist_ok=True)
+  # Processes started together (a router's workers, a test run's) build it once: the others
+  # wait for the first, then find its library.
+  with open(cache / f"{library.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not library.exists():
+      _compile(cxx, library)
+  return library
+
+
+def _compile(cxx: str, library: pathlib.Path) -> None:
   start = time.perf_counter()
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     out = pathlib.Path(tmp) / library.name
     command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
     try:
@@ -88,7 +99,6 @@ def build() -> pathlib.Path:
     out.replace(library)  # atomic: a concurrent build finds a whole file or none
   seconds = time.perf_counter() - start
   log.info("compiled the CPU paged-decode kernel in %.1fs: %s", seconds, library)
-  return library
 
 
 @functools.cache
