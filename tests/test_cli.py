@@ -46,6 +46,32 @@ def test_generate_in_bfloat16():
   assert "Paris" in out  # the float32 reference's greedy answer too
 
 
+def _main_here(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
+  """`meshserve ARGV` in this process, for mistakes caught before any model or device is
+  touched (a new process for each costs seconds of start-up). A mistake that went unnoticed
+  fails the test instead of starting a server; the compilation cache stays this run's."""
+  from meshserve.server import serve
+  from meshserve.server.cli import main
+
+  async def never(opts):
+    pytest.fail(f"a server would have started: {opts}")
+
+  monkeypatch.setattr(serve, "serve", never)
+  try:
+    code = main([*argv, "--compilation-cache", ""])
+  except SystemExit as e:  # argparse's own errors (an unknown choice)
+    code = e.code
+  return code, capsys.readouterr().err
+
+
+def test_a_bad_flag_is_one_clear_line_from_a_real_process():
+  """The in-process cases below, end to end once: exit status 2, no traceback."""
+  proc = _meshserve("generate", "--prompt", "hi", "--temperature", "-1")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2
+  assert "temperature" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
   ("args", "message"),
   [
@@ -61,10 +87,9 @@ def test_generate_in_bfloat16():
     (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
   ],
 )
-def test_generate_bad_input_is_one_clear_line(args, message):
-  proc = _meshserve("generate", *args)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 2
+def test_generate_bad_input_is_one_clear_line(capsys, monkeypatch, args, message):
+  code, err = _main_here(capsys, monkeypatch, "generate", *args)
+  assert code == 2
   assert message in err and "Traceback" not in err
 
 
@@ -77,29 +102,26 @@ def test_generate_bad_input_is_one_clear_line(args, message):
     (["--role", "router", "--prefill", "127.0.0.1:1"], "--decode"),
     (["--role", "router", "--prefill", "nohost", "--decode", "127.0.0.1:1"], "HOST:PORT"),
     (["--prefill", "127.0.0.1:1"], "--role router"),
-    (
-      [
-        "--mode",
-        "disaggregated",
-        "--prefill-layout",
-        "tp=4",
-        "--decode-layout",
-        "tp=4",
-        "--cpu-devices",
-        "6",
-      ],
-      "need 8 devices, found 6",
-    ),
   ],
 )
-def test_serve_topology_mistakes_are_one_clear_line(args, message):
-  proc = _meshserve("serve", "--port", "0", "--host", "127.0.0.1", *args)
+def test_serve_topology_mistakes_are_one_clear_line(capsys, monkeypatch, args, message):
+  code, err = _main_here(capsys, monkeypatch, "serve", "--port", "0", "--host", "127.0.0.1", *args)
+  assert code == 2, err
+  assert message in err and "Traceback" not in err
+
+
+def test_too_few_devices_for_the_stages_is_one_clear_line():
+  """A device count is fixed when a process starts: this one runs in its own."""
+  proc = _meshserve(
+    "serve", "--port", "0", "--host", "127.0.0.1", "--mode", "disaggregated",
+    "--prefill-layout", "tp=4", "--decode-layout", "tp=4", "--cpu-devices", "6",
+  )  # fmt: skip
   try:
     out, err = proc.communicate(timeout=120)
   finally:
     proc.kill()  # a mistake that went unnoticed would start a server: stop it, by its PID
   assert proc.returncode == 2, err
-  assert message in err and "Traceback" not in err
+  assert "need 8 devices, found 6" in err and "Traceback" not in err
 
 
 def test_no_tpu_start_up_noise_where_there_is_no_tpu():

@@ -34,7 +34,16 @@ ENGINE = EngineConfig(max_model_len=256, max_batch=8, num_pages=128, max_num_bat
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, compilation_cache):
+def offline(model):
+  """The offline engine on the server's engine shape, for reference outputs. Its steps compile
+  before the server starts, which then loads every one from the compilation cache."""
+  llm = LLM(model, ENGINE)
+  llm.runner.warmup()
+  return llm
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, compilation_cache, offline):
   s = Server(log=tmp_path_factory.mktemp("server") / "server.log", cache=compilation_cache)
   try:
     s.seen = s.wait_serving()
@@ -47,11 +56,6 @@ def server(tmp_path_factory, compilation_cache):
 def stub(server):
   with server.channel() as channel:
     yield server.stub(channel)
-
-
-@pytest.fixture(scope="module")
-def offline(model):
-  return LLM(model, ENGINE)
 
 
 def wait_all_pages_free(stub, timeout: float = 30.0) -> pb.StageStats:
