@@ -169,3 +169,17 @@ def assert_greedy_equal(model, prompt, expected, got):
     assert len(expected) == len(got), (expected, got)
     return
   assert differ >= first_near_tie(model, prompt, expected), (differ, expected, got)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """scripts/test runs the suite on two pytest-xdist workers. A file's cases run on one worker,
+  so its module fixtures (a server, an engine) start once, and the two files over the router
+  topology (a session fixture of three processes) share one, so it starts once."""
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ByFile(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      file = nodeid.split("::", 1)[0]
+      return "router topology" if "/test_server_disaggregated" in file else file
+
+  return ByFile(config, log)
