@@ -315,16 +315,22 @@ def test_hand_offs_nobody_releases_time_out_and_their_pages_come_back(topology, 
       assert not ninth.done()  # no room in the prefill pool
       with worker.channel() as channel:
         stats = model_info(worker.stub(channel)).stages[0].stats
-      before = cpu_seconds(worker.proc.pid)
-      await asyncio.sleep(2.0)
-      cpu = cpu_seconds(worker.proc.pid) - before
+      # The quietest of up to five 1-second windows: work the eight left behind (slow on a
+      # loaded machine) may still end in the first; a worker that spins is busy in all five.
+      cpu = float("inf")
+      for _ in range(5):
+        before = cpu_seconds(worker.proc.pid)
+        await asyncio.sleep(1.0)
+        cpu = min(cpu, cpu_seconds(worker.proc.pid) - before)
+        if cpu < 0.1:
+          break
       outcomes = await asyncio.gather(*held)
       responses = await ninth
       return stats, cpu, outcomes, responses, time.monotonic() - start
 
   stats, cpu, outcomes, responses, waited = asyncio.run(main())
   assert (stats.pinned, stats.running, stats.waiting) == (8, 0, 1), stats
-  assert cpu < 0.2, f"the waiting worker used {cpu:.2f} s of CPU in 2 s"
+  assert cpu < 0.1, f"the waiting worker used {cpu:.2f} s of CPU in each of five seconds"
   assert outcomes == ["DEADLINE_EXCEEDED"] * 8
   assert responses[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
   assert waited < HANDOFF_TIMEOUT + 30
