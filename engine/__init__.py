@@ -16,6 +16,7 @@ _EXPORTS = {
   "Engine": "engine",
   "EngineConfig": "config",
   "EngineCore": "core",
+  "Constraint": "params",
   "EngineDeadError": "api",
   "QueueFullError": "api",
   "RequestDelta": "api",

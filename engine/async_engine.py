@@ -59,6 +59,7 @@ class _Stream:
   num_prompt_tokens: int
 
 
+CONSTRAINT_COMPILE_TIMEOUT = 10.0  # seconds a request's constraint may take to compile
 _ABORTED = object()  # put in a stream's queue by `abort`: the stream ends there
 
 
@@ -158,12 +159,26 @@ class AsyncEngine:
     arrival = time.perf_counter()
     ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     self.engine.validate(ids, params)
+    matcher = None if params.constraint is None else await self._constrain(params)
     request_id = request_id or new_request_id()
     internal = f"{request_id}#{next(self._ids)}"
-    submit = functools.partial(self.core.add, internal, ids, params, arrival, cache_salt)
+    submit = functools.partial(self.core.add, internal, ids, params, arrival, cache_salt, matcher)
     output = OutputProcessor(self.tokenizer, params, arrival=arrival)
     async for event in self._stream(internal, request_id, len(ids), submit, output, deadline):
       yield event
+
+  async def _constrain(self, params: SamplingParams):
+    """The request's constraint compiled on an executor thread, never the engine's, within
+    CONSTRAINT_COMPILE_TIMEOUT seconds (else ValueError; the compile runs out on its thread)."""
+    loop = asyncio.get_running_loop()
+    compiling = loop.run_in_executor(None, self.engine.constrain, params)
+    try:
+      return await asyncio.wait_for(compiling, CONSTRAINT_COMPILE_TIMEOUT)
+    except TimeoutError:
+      raise ValueError(
+        f"constraint.{params.constraint.kind}: did not compile within "
+        f"{CONSTRAINT_COMPILE_TIMEOUT:g}s"
+      ) from None
 
   async def resume(
     self,

@@ -39,6 +39,7 @@ class _Add:
   params: SamplingParams
   arrival: float  # time.perf_counter()
   cache_salt: str = ""
+  matcher: object = None  # a constrained request's, compiled by the front end
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,11 +89,13 @@ class EngineCore:
     params: SamplingParams,
     arrival: float,
     cache_salt: str = "",
+    matcher=None,
   ) -> None:
-    """Queues a request that `engine.validate` accepted. Never blocks."""
+    """Queues a request that `engine.validate` accepted (a constrained one with the matcher
+    from `engine.constrain`). Never blocks."""
     if self.error is not None:
       raise EngineDeadError(str(self.error))
-    self._inbox.put(_Add(request_id, list(token_ids), params, arrival, cache_salt))
+    self._inbox.put(_Add(request_id, list(token_ids), params, arrival, cache_salt, matcher))
 
   def abort(self, request_id: str) -> None:
     """Stops a request wherever it is and frees its pages. Never blocks; unknown ids are
@@ -184,8 +187,9 @@ class EngineCore:
     try:
       if isinstance(m, _Add):
         self.engine.add_request(
-          m.token_ids, m.params, m.request_id, arrival=m.arrival, cache_salt=m.cache_salt
-        )
+          m.token_ids, m.params, m.request_id, arrival=m.arrival, cache_salt=m.cache_salt,
+          matcher=m.matcher,
+        )  # fmt: skip
       elif isinstance(m, Import):
         self.stage.take(m)
       elif isinstance(m, _Release):

@@ -20,9 +20,11 @@ import dataclasses
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 
+from meshserve.engine import structured
 from meshserve.engine.api import Role
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.kv_manager import PageAllocator, ReplicaAllocator
@@ -78,11 +80,28 @@ class Engine:
     self._seeds = random.Random(config.seed)
     self.num_steps = 0
     self.last_step: StepStats | None = None
+    self._grammars: structured.Grammars | None = None
+    self._grammars_lock = threading.Lock()
 
   def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError naming the field when a request cannot be served. Reads only the
     configuration, so any thread may call it."""
     self.limits.check(token_ids, params, prompt="token_ids")
+
+  @property
+  def grammars(self) -> structured.Grammars:
+    """The model's constraint compiler, built on first use (about a second for a 50k-token
+    vocabulary); a server builds it while warming up."""
+    with self._grammars_lock:
+      if self._grammars is None:
+        eos = self.model.config.eos_token_ids
+        self._grammars = structured.Grammars(self.tokenizer, self.model.config.vocab_size, eos)
+      return self._grammars
+
+  def constrain(self, params: SamplingParams, field: str = "constraint") -> structured.Matcher:
+    """A fresh matcher for `params.constraint`; ValueError naming `field` where it does not
+    compile. Any thread may call it: front ends compile off the engine's thread."""
+    return self.grammars.matcher(params.constraint, field)
 
   def validate_state(self, state: RequestState) -> None:
     """Raises ValueError naming the field when a hand-off's state cannot be continued here:
@@ -119,10 +138,12 @@ class Engine:
     *,
     arrival: float | None = None,
     cache_salt: str = "",
+    matcher: structured.Matcher | None = None,
   ) -> str:
     """Queues a request; returns its id. Raises ValueError naming the offending field for bad
     input. `arrival` (a time.perf_counter() reading) is when its timings start; `cache_salt`
-    scopes its prefix-cache pages (see PageAllocator.match_prefix)."""
+    scopes its prefix-cache pages (see PageAllocator.match_prefix). A constrained request's
+    `matcher` comes from `constrain` (compiled here when not given)."""
     params = params or SamplingParams()
     if request_id is None:
       request_id = f"req-{next(self._ids)}"
@@ -133,7 +154,10 @@ class Engine:
     # An unseeded request's seed comes from the config's seed in arrival order, so every
     # process of a multi-host engine draws the same tokens and keeps the same schedule.
     seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
+    if params.constraint is not None and matcher is None:
+      matcher = self.constrain(params)
     request = Request(request_id, ids, len(ids), params, seed, cache_salt)
+    request.matcher = matcher if params.constraint is not None else None
     if arrival is not None:
       request.arrival = arrival
     self.requests[request_id] = request
@@ -186,6 +210,8 @@ class Engine:
     if num_tokens != len(state.prompt_ids):
       raise ValueError(f"state: {len(state.prompt_ids)} prompt tokens, {num_tokens} reserved")
     request = state.resume(request_id)
+    if state.params.constraint is not None:  # the prefill stage's matcher, rebuilt from tokens
+      request.matcher = self.grammars.resume(state.params.constraint, state.output_ids)
     if arrival is not None:
       request.arrival = arrival
     request.scheduled_at = time.perf_counter()
@@ -241,7 +267,17 @@ class Engine:
     if params.logprobs is not None:  # numpy views: the front end formats them
       n = params.logprobs
       request.logprobs.append((sampled.logprob, sampled.top_ids[:n], sampled.top_logprobs[:n]))
-    eos = token in self.model.config.eos_token_ids and not params.ignore_eos
+    if request.matcher is not None and not request.matcher.consume_token(token):
+      # The mask allowed only tokens the grammar accepts: this is a bug, not the caller's.
+      log.error("request %s: constraint refused token %d: %s", request.request_id, token,
+                request.matcher.get_error())  # fmt: skip
+      request.finish("abort")
+      return
+    # A constrained request's mask lets an EOS through only once its grammar is complete (and
+    # nothing else once the grammar allows no more): there the EOS ends it, ignore_eos or not.
+    eos = token in self.model.config.eos_token_ids and (
+      not params.ignore_eos or request.matcher is not None
+    )
     if eos or token in params.stop_token_ids:
       request.finish("stop")
     elif request.num_output >= params.max_tokens or request.num_tokens >= self.config.max_model_len:

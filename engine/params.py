@@ -11,6 +11,52 @@ MAX_LOGPROBS = 20  # the most alternatives a request may ask logprobs for
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_CONSTRAINT_CHARS = 64 * 1024  # a schema, regex or grammar's text; all choices together
+MAX_CHOICES = 256
+
+# What a constraint's `value` is, per kind (engine/structured.py compiles each with llguidance).
+CONSTRAINT_KINDS = {
+  "json_schema": "a JSON Schema, as JSON text",
+  "json_object": "nothing (any JSON object)",
+  "regex": "a regular expression the whole output matches",
+  "grammar": "a Lark grammar, as llguidance reads it",
+  "choice": "a list of strings, one of which is the whole output",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Constraint:
+  """What the output must be (structured output). `kind` is one of CONSTRAINT_KINDS; `value`
+  the schema, regex or grammar text, or for "choice" a tuple of strings. Checked here for shape;
+  whether it compiles is the engine's to say (Engine.constrain), with the library's message."""
+
+  kind: str
+  value: str | tuple[str, ...] = ""
+
+  def __post_init__(self):
+    if self.kind not in CONSTRAINT_KINDS:
+      raise ValueError(
+        f"constraint: kind {self.kind!r} is not one of {', '.join(CONSTRAINT_KINDS)}"
+      )
+    field = f"constraint.{self.kind}"
+    if self.kind == "choice":
+      value = (self.value,) if isinstance(self.value, str) else tuple(self.value)
+      object.__setattr__(self, "value", value)
+      if not value or any(not isinstance(c, str) or not c for c in value):
+        raise ValueError(f"{field}: give one or more non-empty strings")
+      if len(value) > MAX_CHOICES:
+        raise ValueError(f"{field}: {len(value)} choices, at most {MAX_CHOICES}")
+      size = sum(map(len, value))
+    elif self.kind == "json_object":
+      if self.value:
+        raise ValueError(f"{field}: takes no value")
+      size = 0
+    else:
+      if not isinstance(self.value, str) or not self.value.strip():
+        raise ValueError(f"{field}: {CONSTRAINT_KINDS[self.kind]} is required")
+      size = len(self.value)
+    if size > MAX_CONSTRAINT_CHARS:
+      raise ValueError(f"{field}: {size} characters, at most {MAX_CONSTRAINT_CHARS}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -30,6 +76,8 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
   logprobs: int | None = None  # None: none; n: the chosen token's and the top-n alternatives'
+  # of the model's own distribution, before any constraint's mask (as vLLM's default)
+  constraint: Constraint | None = None  # structured output: what the whole output must be
 
   def __post_init__(self):
     for name in ("stop", "stop_token_ids"):
@@ -70,6 +118,8 @@ class SamplingParams:
       isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS
     ):
       raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+    if self.constraint is not None and not isinstance(self.constraint, Constraint):
+      raise ValueError(f"constraint must be a Constraint, got {type(self.constraint).__name__}")
 
   @property
   def penalized(self) -> bool:

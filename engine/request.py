@@ -59,6 +59,9 @@ class Request:
   scheduled_at: float | None = None
   first_token_at: float | None = None
   finished_at: float | None = None
+  # Structured output: the llguidance matcher of params.constraint, advanced with every token
+  # (engine/structured.py); None when unconstrained.
+  matcher: Any = None
   _reported: int = 0  # output tokens already handed out in an update
 
   @property

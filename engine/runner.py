@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from meshserve.engine import structured
 from meshserve.engine.config import EngineConfig, bucket
 from meshserve.engine.handoff import PackedKV
 from meshserve.engine.sampling import Sampled, SamplingBatch, SamplingParams, sample
@@ -139,7 +140,9 @@ class Runner:
     self.executables: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, P)
     self.num_compiles = 0
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
-    self._no_history = {}  # [B, max_model_len] all -1, per B: unpenalized batches share one
+    # Per B, a [B, max_model_len] history and a [B, ceil(V/32)] mask, all -1: the batches with
+    # no penalized and no constrained row share them.
+    self._unused: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
   @functools.cached_property
   def kv_sharding(self) -> jax.sharding.Sharding:
@@ -349,17 +352,25 @@ class Runner:
       [r.token_ids if r else [] for r in requests],
       [r.prompt_len if r else 0 for r in requests],
     )
+    constrained = [(r.matcher, i) for i, r in enumerate(requests) if r and r.matcher]
+    if constrained:  # structured output: each such row's allowed next tokens
+      allowed = np.full_like(sampling.allowed, -1)
+      structured.fill(allowed, constrained)
+      sampling = dataclasses.replace(sampling, allowed=allowed)
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
     return inputs, [chunk_rows[-1] for chunk_rows in rows]
 
   def _sampling(self, params, seeds, B, histories=(), prompt_lens=()) -> SamplingBatch:
-    width = self.config.max_model_len
+    width, words = self.config.max_model_len, -(-self.model.config.vocab_size // 32)
     if any(p.penalized for p in params):
-      return SamplingBatch.build(params, seeds, B, histories, prompt_lens, history_width=width)
-    batch = SamplingBatch.build(params, seeds, B)  # history [B, 1], replaced by the shared one
-    if B not in self._no_history:
-      self._no_history[B] = np.full((B, width), -1, np.int32)
-    return dataclasses.replace(batch, history=self._no_history[B])
+      return SamplingBatch.build(
+        params, seeds, B, histories, prompt_lens, history_width=width, mask_words=words
+      )
+    batch = SamplingBatch.build(params, seeds, B)  # history and mask: the shared ones, below
+    if B not in self._unused:
+      self._unused[B] = np.full((B, width), -1, np.int32), np.full((B, words), -1, np.int32)
+    history, allowed = self._unused[B]
+    return dataclasses.replace(batch, history=history, allowed=allowed)
 
   def dummy_inputs(self, shape: tuple[int, int, int]):
     """All-padding inputs of a step shape: every token writes to the sink page."""

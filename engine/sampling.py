@@ -5,9 +5,10 @@ so one compiled sampler serves any mix of requests. A request's key is derived f
 and the index of the token being sampled, never from its batch slot: the same seed and prompt
 give the same output whatever else shares the batch.
 
-Order of operations on a row's logits: repetition / presence / frequency penalties, then
-temperature, then top-k, top-p and min-p, then the draw (argmax at temperature 0). Logprobs are
-those of the model's own distribution (log_softmax of the raw logits), as in vLLM.
+Order of operations on a row's logits: a constraint's mask (structured output: tokens it does
+not allow can never be drawn), repetition / presence / frequency penalties, then temperature,
+then top-k, top-p and min-p, then the draw (argmax at temperature 0). Logprobs are those of the
+model's own distribution (log_softmax of the raw logits, before the mask), as vLLM's default.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class SamplingBatch:
   logprobs: np.ndarray  # [B] int32: alternatives asked for, 0 = none
   history: np.ndarray  # [B, W] int32, -1 = none (all -1 unless the row is penalized)
   prompt_len: np.ndarray  # [B] int32: history[:, prompt_len:] is output
+  # [B, ceil(V/32)] int32: bit v % 32 of word v // 32 set where token v may be drawn; -1 (every
+  # bit) on unconstrained rows. Its width is fixed (the vocabulary), so it adds no shape.
+  allowed: np.ndarray
 
   @classmethod
   def build(
@@ -57,9 +61,11 @@ class SamplingBatch:
     histories: Sequence[Sequence[int]] = (),
     prompt_lens: Sequence[int] = (),
     history_width: int = 1,
+    mask_words: int = 1,
   ) -> SamplingBatch:
     """Rows for `params` (padded to `batch`). Penalized rows need their `histories` and
-    `prompt_lens`, within `history_width` tokens."""
+    `prompt_lens`, within `history_width` tokens. Every row may draw any token (`allowed`, of
+    `mask_words` words a row, all set): the runner fills constrained rows' masks."""
     pad = batch - len(params)
 
     def column(name, fill, dtype):
@@ -82,6 +88,7 @@ class SamplingBatch:
       logprobs=np.array([p.logprobs or 0 for p in params] + [0] * pad, np.int32),
       history=history,
       prompt_len=lens,
+      allowed=np.full((batch, mask_words), -1, np.int32),
     )
 
 
@@ -118,6 +125,16 @@ def sample(
   Penalties and the top alternatives' logprobs are computed only when some row asks.
   """
   raw = logits
+  B, V = raw.shape
+
+  def constrain(x):
+    bits = (params.allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    return jnp.where(bits.reshape(B, -1)[:, :V] != 0, x, -jnp.inf)
+
+  # A batch with no constrained row (every word -1) skips the mask entirely; one built
+  # without mask words (narrower than the vocabulary) carries no constraint.
+  if params.allowed.shape[1] * 32 >= V:
+    logits = jax.lax.cond(jnp.any(params.allowed != -1), constrain, lambda x: x, logits)
   penalized = (
     (params.repetition_penalty != 1.0)
     | (params.presence_penalty != 0.0)
@@ -151,7 +168,6 @@ def sample(
   tokens = jax.lax.cond(branch > 0, draw_rows, lambda: greedy)
   # log p(token) = logit - logsumexp: no [B, V] log_softmax unless alternatives are asked for.
   chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
-  B, V = raw.shape
   n = min(MAX_LOGPROBS, V)
 
   def top(x):

@@ -284,7 +284,8 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
     x = np.asarray(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
 
-  sampling = SamplingBatch.build([SamplingParams()] * B, [0] * B, B)
+  words = -(-config.vocab_size // 32)  # the structured-output mask, as the engine passes it
+  sampling = SamplingBatch.build([SamplingParams()] * B, [0] * B, B, mask_words=words)
   sampling = dataclasses.replace(sampling, history=np.full((B, shape.context), -1, np.int32))
   ints = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
   inputs = (ints(B, T), ints(B, T), ints(B, P), ints(B), sampling, ints(B))
