@@ -171,6 +171,8 @@ class AsyncEngine:
     """The request's constraint compiled on an executor thread, never the engine's, within
     CONSTRAINT_COMPILE_TIMEOUT seconds (else ValueError; the compile runs out on its thread)."""
     loop = asyncio.get_running_loop()
+    # The model's tokenizer view, built once (untimed: a second or more for a large vocabulary).
+    await loop.run_in_executor(None, lambda: self.engine.grammars)
     compiling = loop.run_in_executor(None, self.engine.constrain, params)
     try:
       return await asyncio.wait_for(compiling, CONSTRAINT_COMPILE_TIMEOUT)

@@ -4,8 +4,9 @@ before each of the request's tokens which tokens may come next.
 The host fills one row of a [B, ceil(V/32)] int32 bitmask per sampling row (all bits set for
 an unconstrained row); the jitted sampler drops every token whose bit is clear before any
 sampling rule (sampling.sample), so the mask's shape is fixed per batch bucket and nothing
-recompiles. After each sampled token the engine advances the matcher; when the grammar is
-complete and allows nothing more, the request finishes with "stop".
+recompiles. After each sampled token the engine advances the matcher. The mask lets an EOS
+through only once the grammar is complete (and nothing else once it allows no more): that EOS
+ends the request with "stop", its text not shown, as any EOS.
 
 A constraint compiles on the caller's side (the offline API's thread, the async front end's
 executor, bounded in time), never on the engine's thread, except where a decode stage rebuilds

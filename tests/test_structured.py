@@ -251,6 +251,7 @@ def test_every_output_parses_and_validates(llm, samples):
       assert text in CHOICES, text
 
 
+@pytest.mark.slow  # default: greedy outputs of every kind validated, in one batch
 def test_constrained_and_free_rows_share_a_batch_unchanged(llm, model):
   """64 rows, half constrained: the free rows give what they give in a batch with no
   constraint; the constrained rows what they give alone. Greedy and seeded alike; and running
@@ -331,11 +332,11 @@ def test_the_async_front_end_compiles_off_the_engine_thread_within_a_time_bound(
   def spy(params):
     compiled_on.append(threading.current_thread().name)
     if params.constraint.kind == "regex":
-      time.sleep(1.0)  # a compile that takes too long
+      time.sleep(3.0)  # a compile that takes too long
     return constrain(params)
 
   monkeypatch.setattr(engine.engine, "constrain", spy)
-  monkeypatch.setattr(front, "CONSTRAINT_COMPILE_TIMEOUT", 0.3)
+  monkeypatch.setattr(front, "CONSTRAINT_COMPILE_TIMEOUT", 1.0)
 
   async def text(constraint):
     params = SamplingParams(max_tokens=40, constraint=constraint)
@@ -343,7 +344,7 @@ def test_the_async_front_end_compiles_off_the_engine_thread_within_a_time_bound(
 
   try:
     assert asyncio.run(text(Constraint("choice", CHOICES))) in CHOICES
-    with pytest.raises(ValueError, match=r"constraint\.regex: did not compile within 0\.3s"):
+    with pytest.raises(ValueError, match=r"constraint\.regex: did not compile within 1s"):
       asyncio.run(text(Constraint("regex", "[a-z]+")))
     assert asyncio.run(text(Constraint("choice", CHOICES))) in CHOICES
   finally:

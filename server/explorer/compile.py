@@ -284,8 +284,9 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
     x = np.asarray(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
 
-  words = -(-config.vocab_size // 32)  # the structured-output mask, as the engine passes it
-  sampling = SamplingBatch.build([SamplingParams()] * B, [0] * B, B, mask_words=words)
+  # No structured-output mask: the step of unconstrained rows, whose batches skip it (a cost
+  # analysis would count the masked branch's [B, V] traffic as if every step took it).
+  sampling = SamplingBatch.build([SamplingParams()] * B, [0] * B, B)
   sampling = dataclasses.replace(sampling, history=np.full((B, shape.context), -1, np.int32))
   ints = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
   inputs = (ints(B, T), ints(B, T), ints(B, P), ints(B), sampling, ints(B))
