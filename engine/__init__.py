@@ -17,6 +17,7 @@ _EXPORTS = {
   "EngineConfig": "config",
   "EngineCore": "core",
   "Constraint": "params",
+  "ConstraintError": "params",
   "EngineDeadError": "api",
   "QueueFullError": "api",
   "RequestDelta": "api",

@@ -29,6 +29,8 @@ from meshserve.engine.params import (
   MAX_STOP_STRING_CHARS,
   MAX_STOP_STRINGS,
   MAX_STOP_TOKEN_IDS,
+  Constraint,
+  ConstraintError,
   RequestLimits,
   SamplingParams,
 )
@@ -38,6 +40,8 @@ __all__ = [
   "MAX_STOP_STRINGS",
   "MAX_STOP_STRING_CHARS",
   "MAX_STOP_TOKEN_IDS",
+  "Constraint",
+  "ConstraintError",
   "EngineClient",
   "EngineConfig",
   "EngineDeadError",

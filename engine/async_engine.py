@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 
 from meshserve.engine.api import (  # noqa: F401 - re-exported
+  ConstraintError,
   EngineInfo,
   QueueFullError,
   RequestIdInUseError,
@@ -167,17 +168,18 @@ class AsyncEngine:
     async for event in self._stream(internal, request_id, len(ids), submit, output, deadline):
       yield event
 
-  async def _constrain(self, params: SamplingParams):
+  async def _constrain(self, params: SamplingParams, output_ids: Sequence[int] = ()):
     """The request's constraint compiled on an executor thread, never the engine's, within
-    CONSTRAINT_COMPILE_TIMEOUT seconds (else ValueError; the compile runs out on its thread)."""
+    CONSTRAINT_COMPILE_TIMEOUT seconds (else ConstraintError; the compile runs out on its
+    thread), its matcher advanced past `output_ids` (a request continued from another stage)."""
     loop = asyncio.get_running_loop()
     # The model's tokenizer view, built once (untimed: a second or more for a large vocabulary).
     await loop.run_in_executor(None, lambda: self.engine.grammars)
-    compiling = loop.run_in_executor(None, self.engine.constrain, params)
+    compiling = loop.run_in_executor(None, self.engine.constrain, params, tuple(output_ids))
     try:
       return await asyncio.wait_for(compiling, CONSTRAINT_COMPILE_TIMEOUT)
     except TimeoutError:
-      raise ValueError(
+      raise ConstraintError(
         f"constraint.{params.constraint.kind}: did not compile within "
         f"{CONSTRAINT_COMPILE_TIMEOUT:g}s"
       ) from None
@@ -192,10 +194,13 @@ class AsyncEngine:
   ) -> AsyncIterator[RequestDelta | Landed]:
     """Decode role: continues a request a prefill stage took to its first token. Streams
     `Landed` once its KV is in the pool, then its deltas from the second token on."""
+    arrival = time.perf_counter()
+    matcher = None
+    if state.params.constraint is not None:  # rebuilt from the tokens the prefill stage chose
+      matcher = await self._constrain(state.params, state.output_ids)
     request_id = request_id or new_request_id()
     internal = f"{request_id}#{next(self._ids)}"
-    arrival = time.perf_counter()
-    submit = functools.partial(self.core.import_request, internal, state, fetch, arrival)
+    submit = functools.partial(self.core.import_request, internal, state, fetch, arrival, matcher)
     # The first token's text was shown by the prefill stage: it primes the detokenizer here.
     output = OutputProcessor(self.tokenizer, state.params, arrival=arrival,
                              output_ids=state.output_ids)  # fmt: skip

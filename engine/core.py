@@ -107,12 +107,13 @@ class EngineCore:
     self._inbox.put(_Release(request_id))
 
   def import_request(
-    self, request_id: str, state: RequestState, fetch: KVFetch, arrival: float
+    self, request_id: str, state: RequestState, fetch: KVFetch, arrival: float, matcher=None
   ) -> None:
-    """Decode role: continues a request prefilled elsewhere, its KV brought in by `fetch`."""
+    """Decode role: continues a request prefilled elsewhere, its KV brought in by `fetch`
+    (a constrained one with its matcher resumed past its tokens by the front end)."""
     if self.error is not None:
       raise EngineDeadError(str(self.error))
-    self._inbox.put(Import(request_id, state, fetch, arrival))
+    self._inbox.put(Import(request_id, state, fetch, arrival, matcher))
 
   def stats(self) -> dict[str, int]:
     """The engine's counters after the last step."""
@@ -140,6 +141,7 @@ class EngineCore:
 
   def _warmup(self) -> None:
     runner, role = self.engine.runner, self.engine.role
+    _ = self.engine.grammars  # structured output's tokenizer view, built once, before serving
     shapes = runner.step_shapes  # with dp replicas, only rows that split evenly
     if role == "decode":  # it only decodes (a preempted request's recompute compiles then)
       shapes = [s for s in shapes if s[1] == 1]

@@ -181,6 +181,7 @@ class Import:
   state: RequestState
   fetch: KVFetch
   arrival: float
+  matcher: object = None  # a constrained request's, resumed past its tokens
   pages: list[int] | None = None  # once reserved
   kv: jax.Array | None = None  # once fetching
   started: float = 0.0  # when the fetch started
@@ -244,7 +245,7 @@ class DecodeStage(Stage):
       except Exception as e:  # noqa: BLE001
         self._fail(m.request_id, e, events)
         continue
-      engine.admit(m.request_id, m.state, arrival=m.arrival)
+      engine.admit(m.request_id, m.state, arrival=m.arrival, matcher=m.matcher)
       seconds, size = time.perf_counter() - m.arrival, m.kv.nbytes
       self.transfers["kv_transfers"] += 1
       self.transfers["kv_transfer_bytes"] += size

@@ -24,6 +24,11 @@ CONSTRAINT_KINDS = {
 }
 
 
+class ConstraintError(ValueError):
+  """A constraint that did not compile (or not in time). Its message starts with the field
+  relative to the sampling parameters, `constraint.<kind>`, and quotes the library's."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Constraint:
   """What the output must be (structured output). `kind` is one of CONSTRAINT_KINDS; `value`

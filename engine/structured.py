@@ -9,8 +9,10 @@ through only once the grammar is complete (and nothing else once it allows no mo
 ends the request with "stop", its text not shown, as any EOS.
 
 A constraint compiles on the caller's side (the offline API's thread, the async front end's
-executor, bounded in time), never on the engine's thread, except where a decode stage rebuilds
-a handed-off request's matcher from its tokens.
+executor, bounded in time), never on the engine's thread. A decode stage rebuilds a handed-off
+request's matcher the same way, from its constraint and the tokens the prefill stage chose
+(`Grammars.resume`): a matcher is not carried across processes. A server builds the tokenizer
+view while warming up.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
-from meshserve.engine.params import Constraint
+from meshserve.engine.params import Constraint, ConstraintError
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +50,18 @@ class Grammars:
     log.info("structured output: tokenizer view built in %.2fs", time.perf_counter() - start)
 
   def matcher(self, constraint: Constraint, field: str = "constraint") -> Matcher:
-    """A fresh matcher for `constraint`; ValueError naming `field`.<kind> and quoting
+    """A fresh matcher for `constraint`; ConstraintError naming `field`.<kind> and quoting
     llguidance's message where it does not compile."""
     name = f"{field}.{constraint.kind}"
     grammar = _grammar(constraint, name)
     matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
     if matcher.is_error():
-      raise ValueError(f"{name}: {_message(matcher.get_error())}")
+      raise ConstraintError(f"{name}: {_message(matcher.get_error())}")
     return matcher
 
   def resume(self, constraint: Constraint, output_ids) -> Matcher:
-    """A matcher that has consumed `output_ids` (a request continued elsewhere)."""
+    """A matcher that has consumed `output_ids` (a request continued elsewhere); ValueError
+    naming `output_token_ids` where the constraint refuses them."""
     matcher = self.matcher(constraint)
     if output_ids and not matcher.consume_tokens(list(output_ids)):
       raise ValueError(f"output_token_ids: {_message(matcher.get_error())}")
@@ -86,13 +89,13 @@ def _grammar(constraint: Constraint, name: str) -> str:
     try:
       schema = json.loads(value)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{name}: not JSON: {e}") from None
+      raise ConstraintError(f"{name}: not JSON: {e}") from None
     if not isinstance(schema, dict | bool):
-      raise ValueError(f"{name}: a schema is a JSON object, got {type(schema).__name__}")
+      raise ConstraintError(f"{name}: a schema is a JSON object, got {type(schema).__name__}")
     try:
       return Matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as e:
-      raise ValueError(f"{name}: {_message(str(e))}") from None
+      raise ConstraintError(f"{name}: {_message(str(e))}") from None
   if kind == "json_object":
     return Matcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
   if kind == "regex":

@@ -95,7 +95,7 @@ class Server:
 
   def channel(self, credentials: grpc.ChannelCredentials | None = None, **kw) -> grpc.Channel:
     if credentials is None:
-      return grpc.insecure_channel(self.address)
+      return grpc.insecure_channel(self.address, **kw)
     return grpc.secure_channel(self.address, credentials, **kw)
 
   def stub(self, channel: grpc.Channel) -> inference_pb2_grpc.InferenceStub:
@@ -109,7 +109,12 @@ class Server:
   def wait_serving(self, timeout: float = 600.0, **channel_kw) -> list[str]:
     """Polls health (bounded) until SERVING; returns the statuses seen on the way."""
     seen, deadline = [], time.monotonic() + timeout
-    with self.channel(**channel_kw) as channel:
+    # Reconnect at the polling pace: gRPC's default backoff grows past a second while the
+    # port is still closed, and could skip the whole NOT_SERVING window of a quick warm-up.
+    options = channel_kw.pop("options", []) + [
+      ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 500),
+    ]  # fmt: skip
+    with self.channel(**channel_kw, options=options) as channel:
       while time.monotonic() < deadline:
         if self.proc.poll() is not None:
           raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")

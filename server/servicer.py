@@ -26,6 +26,8 @@ from meshserve.engine.api import (
   MAX_STOP_STRING_CHARS,
   MAX_STOP_STRINGS,
   MAX_STOP_TOKEN_IDS,
+  Constraint,
+  ConstraintError,
   EngineClient,
   EngineDeadError,
   QueueFullError,
@@ -97,6 +99,8 @@ class WrongStage(RuntimeError):
 def status_of(e: Exception, request_id: str = "") -> tuple[grpc.StatusCode, str]:
   """The status code and message a failed call ends with. An error nobody expected is logged
   with its traceback and ends the call INTERNAL, naming the request."""
+  if isinstance(e, ConstraintError):  # "constraint.<kind>: ..." of the request's sampling
+    return grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}"
   if isinstance(e, ValueError):  # InvalidArgument, or the engine's own checks
     return grpc.StatusCode.INVALID_ARGUMENT, str(e)
   if isinstance(e, RequestIdInUseError):
@@ -326,19 +330,46 @@ def sampling_of(
       stop_token_ids=tuple(s.stop_token_ids),
       ignore_eos=s.ignore_eos,
       logprobs=s.logprobs if s.HasField("logprobs") else None,
+      constraint=constraint_of(s),
     )
   except ValueError as e:  # SamplingParams' messages start with the field name
     raise InvalidArgument(f"sampling.{e}") from None
 
 
+def constraint_of(s: pb.SamplingParams) -> Constraint | None:
+  """The request's `constraint` oneof; None when unset (json_object: false is unset too)."""
+  kind = s.WhichOneof("constraint")
+  if kind is None or (kind == "json_object" and not s.json_object):
+    return None
+  if kind == "json_object":
+    return Constraint("json_object")
+  if kind == "choice":
+    return Constraint("choice", tuple(s.choice.choices))
+  return Constraint(kind, getattr(s, kind))
+
+
+def constraint_proto(c: Constraint | None, out: pb.SamplingParams) -> None:
+  """Sets `out`'s constraint oneof from `c` (the inverse of constraint_of)."""
+  if c is None:
+    return
+  if c.kind == "json_object":
+    out.json_object = True
+  elif c.kind == "choice":
+    out.choice.choices.extend(c.value)
+  else:
+    setattr(out, c.kind, c.value)
+
+
 def sampling_proto(p: SamplingParams) -> pb.SamplingParams:
   """The inverse of sampling_of, for resolved parameters (a Handoff's)."""
-  return pb.SamplingParams(
+  out = pb.SamplingParams(
     max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
     min_p=p.min_p, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
     frequency_penalty=p.frequency_penalty, seed=p.seed, stop=p.stop,
     stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, logprobs=p.logprobs,
   )  # fmt: skip
+  constraint_proto(p.constraint, out)
+  return out
 
 
 def timing_proto(t: RequestTiming) -> pb.Timing:

@@ -2,14 +2,22 @@
 as the colocated engine, and no page lost on either side whatever callers do."""
 
 import asyncio
+import dataclasses
 import random
 import threading
 
 import jax
 import jax.numpy as jnp
 import pytest
+from constraints import KINDS, PROMPT
 
-from meshserve.engine import Engine, EngineConfig, RequestIdInUseError, SamplingParams
+from meshserve.engine import (
+  Constraint,
+  Engine,
+  EngineConfig,
+  RequestIdInUseError,
+  SamplingParams,
+)
 from meshserve.engine.disaggregated import DisaggregatedEngine
 from meshserve.engine.handoff import Handoff
 from meshserve.engine.request import RequestState
@@ -105,6 +113,37 @@ def test_a_request_the_first_token_finishes_never_reaches_decode(make):
   assert len(ids) == 1 and last.finish_reason == "length" and last.timing.transfer_s is None
   stages = dict(asyncio.run(every_page_back(engine)))
   assert stages["decode"]["kv_transfers"] == 0
+
+
+def test_every_constraint_kind_crosses_the_hand_off(make, monkeypatch):
+  """The prefill stage picks the first token under the constraint; the decode stage's front
+  end rebuilds the matcher from it, on an executor thread (never a core's), so the whole
+  output is valid and ends with "stop"."""
+  config = dataclasses.replace(CONFIG, max_model_len=256)
+  engine = make(config, config)
+  compiled_on = []
+  for stage in (engine.prefill.engine, engine.decode.engine):
+    constrain = stage.constrain
+
+    def spy(params, output_ids=(), constrain=constrain):
+      compiled_on.append((threading.current_thread().name, len(output_ids)))
+      return constrain(params, output_ids)
+
+    monkeypatch.setattr(stage, "constrain", spy)
+
+  async def text(params):
+    out = [d async for d in engine.generate(PROMPT, params)]
+    return "".join(d.new_text for d in out), out[-1]
+
+  async def main():
+    runs = [SamplingParams(max_tokens=160, constraint=Constraint(*args)) for _, args, _ in KINDS]
+    return await asyncio.gather(*map(text, runs))
+
+  for (oneof, _, valid), (got, last) in zip(KINDS, asyncio.run(main()), strict=True):
+    assert last.finish_reason == "stop" and valid(got), (oneof, got)
+  assert sorted(n for _, n in compiled_on) == [0] * len(KINDS) + [1] * len(KINDS)
+  assert all(not name.startswith("meshserve-engine-core") for name, _ in compiled_on)
+  asyncio.run(every_page_back(engine))
 
 
 def test_a_small_decode_pool_makes_imports_wait_and_preempts_yet_every_output_is_right(make, llm):

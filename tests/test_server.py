@@ -6,6 +6,7 @@ in this process on an `LLM` with the server's engine shape, one request at a tim
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.util
 import json
 import pathlib
@@ -20,13 +21,14 @@ import grpc
 import numpy as np
 import pytest
 from conftest import assert_greedy_equal
+from constraints import BAD, KINDS, PROMPT, grpcurl
 from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
   ProtoReflectionDescriptorDatabase,
 )
 from serving import Server, collect, model_info, read_all
 
-from meshserve.engine import LLM, EngineConfig, SamplingParams
+from meshserve.engine import LLM, Constraint, EngineConfig, SamplingParams
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
 
@@ -380,6 +382,48 @@ def test_client_command_streams_from_the_server(server):
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   assert "Paris" in proc.stdout and "finish_reason=" in proc.stderr
+
+
+def test_every_constraint_kind_through_grpcurl_equals_offline(server, offline):
+  """Each kind of the `constraint` oneof, set in a JSON request through grpcurl: the output is
+  valid, ends with STOP and is the offline engine's; one that does not compile gets
+  InvalidArgument naming its field, and loses no page."""
+  generate = functools.partial(grpcurl, server.address, "meshserve.v1.Inference/Generate")
+  for oneof, args, valid in KINDS:
+    responses, stderr, status = generate({"text": PROMPT, "sampling": {"max_tokens": 160, **oneof}})
+    assert status == 0, stderr
+    text = "".join(r.get("text", "") for r in responses)
+    ids = [t for r in responses for t in r.get("token_ids", [])]
+    assert responses[-1].get("finish_reason") == "FINISH_REASON_STOP", responses
+    assert valid(text), (oneof, text)
+    params = SamplingParams(max_tokens=160, constraint=Constraint(*args))
+    want = offline.generate(PROMPT, params)[0]
+    assert (ids, text) == (want.token_ids, want.text)
+  for oneof, message in BAD:
+    _, stderr, status = generate({"text": PROMPT, "sampling": oneof})
+    assert status != 0 and "Code: InvalidArgument" in stderr, stderr
+    assert f"Message: {message}" in stderr, stderr
+
+
+def test_a_mixed_constrained_and_free_run_compiles_nothing(stub, offline):
+  """Free and constrained streams at once, greedy and seeded: each free output is the offline
+  engine's, each constrained one valid; the compilation counter stays put and every page
+  comes back."""
+  before = model_info(stub).stages[0].stats.compilations
+  free = [dict(max_tokens=48, temperature=0.8, top_k=20, seed=7), dict(max_tokens=48)]
+  bound = [(dict(max_tokens=160, **oneof), valid) for oneof, _, valid in KINDS]
+  bound += [  # seeded at temperature 1: a date and a choice, which always end
+    (dict(max_tokens=160, temperature=1.0, seed=3, **KINDS[i][0]), KINDS[i][2]) for i in (2, 4)
+  ]
+  requests = [pb.GenerateRequest(text=PROMPT, sampling=s) for s in free + [b for b, _ in bound]]
+  with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    served = list(pool.map(lambda r: collect(stub, r), requests))
+  for sampling, (ids, _, _) in zip(free, served, strict=False):
+    assert ids == offline.generate(PROMPT, SamplingParams(**sampling))[0].token_ids
+  for (sampling, valid), (_, text, last) in zip(bound, served[len(free) :], strict=True):
+    assert last.finish_reason == pb.FINISH_REASON_STOP and valid(text), (sampling, text)
+  assert model_info(stub).stages[0].stats.compilations == before == len(ENGINE.step_shapes)
+  wait_all_pages_free(stub)
 
 
 @pytest.mark.slow  # default: test_benchmark_serving on a fake server

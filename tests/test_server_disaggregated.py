@@ -12,12 +12,14 @@ bad hand-offs): test_server_disaggregated_faults.py.
 """
 
 import asyncio
+import functools
 import random
 import urllib.request
 
 import grpc
 import pytest
 from conftest import assert_greedy_equal
+from constraints import BAD, KINDS, PROMPT, grpcurl
 from serving import Server, collect, model_info, self_signed_cert
 from topologies import (
   Topology,
@@ -129,6 +131,29 @@ def test_model_info_and_metrics_show_each_stage(topology, stub):
   text = urllib.request.urlopen(url, timeout=10).read().decode()
   assert "meshserve_kv_transfers_total{stage=" in text
   assert "meshserve_kv_transfer_seconds_count" in text
+
+
+def test_every_constraint_kind_through_grpcurl_crosses_the_hand_off(topology, stub):
+  """Each kind of the `constraint` oneof, in a JSON request through grpcurl: the prefill stage
+  picks the first token under the constraint and the decode stage rebuilds its matcher from
+  the tokens, so the whole output is valid and ends with STOP. One that does not compile gets
+  InvalidArgument naming its field. Nothing compiles in either stage."""
+  compilations = [s.stats.compilations for s in model_info(stub).stages]
+  generate = functools.partial(
+    grpcurl, topology.endpoint.address, "meshserve.v1.Inference/Generate"
+  )
+  for oneof, _, valid in KINDS:
+    responses, stderr, status = generate({"text": PROMPT, "sampling": {"max_tokens": 160, **oneof}})
+    assert status == 0, stderr
+    text = "".join(r.get("text", "") for r in responses)
+    last = responses[-1]
+    assert last.get("finish_reason") == "FINISH_REASON_STOP", responses
+    assert last["usage"]["completion_tokens"] > 1 and valid(text), (oneof, text)
+  for oneof, message in BAD:
+    _, stderr, status = generate({"text": PROMPT, "sampling": oneof})
+    assert status != 0 and "Code: InvalidArgument" in stderr, stderr
+    assert f"Message: {message}" in stderr, stderr
+  assert [s.stats.compilations for s in model_info(stub).stages] == compilations
 
 
 def test_50_cancels_and_deadlines_at_random_points_return_every_page(stub, topology, offline):

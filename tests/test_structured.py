@@ -8,6 +8,7 @@ import re
 import jsonschema
 import pytest
 from conftest import assert_greedy_equal
+from constraints import ARITHMETIC, CHOICES, PERSON, PROMPT, REGEXES, arithmetic
 
 from meshserve.engine import LLM, Constraint, EngineConfig, SamplingParams
 
@@ -25,15 +26,7 @@ def _shape(kind: str, size: str) -> dict:
 
 SCHEMAS = [
   # objects: required fields, closed and open, nested three deep
-  {
-    "type": "object",
-    "properties": {
-      "name": {"type": "string", "maxLength": 12},
-      "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-  },
+  PERSON,
   {
     "type": "object",
     "properties": {
@@ -154,56 +147,7 @@ SCHEMAS = [
   },
 ]
 
-REGEXES = [
-  r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",  # a date
-  r"[a-z]{1,10}@[a-z]{1,10}\.(com|org|net)",  # an email address
-  r"[A-Za-z_][A-Za-z0-9_]{0,15}",  # an identifier
-]
-# Arithmetic expressions: numbers, + - * /, parentheses; bounded, so every output ends.
-ARITHMETIC = r"""
-start: expr
-expr: term (("+" | "-") term){0,3}
-term: factor (("*" | "/") factor){0,2}
-factor: NUMBER | "(" expr ")"
-NUMBER: /[0-9]{1,3}/
-"""
-CHOICES = ("yes", "no", "maybe")
 SAMPLES = 8  # seeded samples at temperature 1, besides the greedy run
-
-
-def _arithmetic(text: str) -> bool:
-  """Whether `text` is an expression of ARITHMETIC (a recursive-descent check)."""
-  tokens = re.findall(r"[0-9]+|[-+*/()]", text)
-  if "".join(tokens) != text:
-    return False
-  pos = 0
-
-  def factor():
-    nonlocal pos
-    if pos < len(tokens) and tokens[pos].isdigit():
-      pos += 1
-      return True
-    if pos < len(tokens) and tokens[pos] == "(":
-      pos += 1
-      if expr() and pos < len(tokens) and tokens[pos] == ")":
-        pos += 1
-        return True
-    return False
-
-  def chain(item, ops):
-    nonlocal pos
-    if not item():
-      return False
-    while pos < len(tokens) and tokens[pos] in ops:
-      pos += 1
-      if not item():
-        return False
-    return True
-
-  def expr():
-    return chain(lambda: chain(factor, "*/"), "+-")
-
-  return expr() and pos == len(tokens)
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +177,7 @@ def test_every_output_parses_and_validates(llm, samples):
   runs = [(kind, spec, p) for kind, spec, c in cases for p in _runs(c, samples)]
   any_object = SamplingParams(max_tokens=160, constraint=Constraint("json_object"))
   runs.append(("object", None, any_object))
-  prompt = "Answer with a short value only.\nValue: "
-  outs = llm.generate([prompt] * len(runs), [p for _, _, p in runs])
+  outs = llm.generate([PROMPT] * len(runs), [p for _, _, p in runs])
   assert llm.engine.allocator.num_free == llm.config.num_pages - 1
   for (kind, spec, params), out in zip(runs, outs, strict=True):
     text = out.text
@@ -246,7 +189,7 @@ def test_every_output_parses_and_validates(llm, samples):
     elif kind == "regex":
       assert re.fullmatch(spec, text), (spec, text)
     elif kind == "grammar":
-      assert _arithmetic(text), text
+      assert arithmetic(text), text
     else:
       assert text in CHOICES, text
 
@@ -329,11 +272,11 @@ def test_the_async_front_end_compiles_off_the_engine_thread_within_a_time_bound(
   compiled_on = []
   constrain = engine.engine.constrain
 
-  def spy(params):
+  def spy(params, output_ids=()):
     compiled_on.append(threading.current_thread().name)
     if params.constraint.kind == "regex":
       time.sleep(3.0)  # a compile that takes too long
-    return constrain(params)
+    return constrain(params, output_ids)
 
   monkeypatch.setattr(engine.engine, "constrain", spy)
   monkeypatch.setattr(front, "CONSTRAINT_COMPILE_TIMEOUT", 1.0)
