@@ -269,15 +269,23 @@ class Runner:
     chunk with its sampled row (numpy)."""
     calls = []
     if schedule.prefills:
-      calls.append((schedule.prefills, self._inputs(schedule.prefills, prefill=True)))
+      calls.append((schedule.prefills, True))
     if schedule.decodes:
       # Longest first: decode attention walks groups of rows only as far as they reach.
-      decodes = sorted(schedule.decodes, key=lambda c: -c.start)
-      calls.append((decodes, self._inputs(decodes, prefill=False)))
-    dispatched = [self._dispatch(*inputs)[0] for _, (inputs, _) in calls]
-    self.last_shapes = tuple((*inputs[0].shape, inputs[2].shape[1]) for _, (inputs, _) in calls)
+      calls.append((sorted(schedule.decodes, key=lambda c: -c.start), False))
+    dispatched, shapes, sampling_rows = [], [], []
+    for chunks, prefill in calls:
+      # Each call is dispatched as soon as its inputs are ready: the device runs it while the
+      # host builds the next call's (a decode call's constraint masks among them).
+      inputs, rows = self._inputs(chunks, prefill=prefill)
+      dispatched.append(self._dispatch(*inputs)[0])
+      shapes.append((*inputs[0].shape, inputs[2].shape[1]))
+      sampling_rows.append(rows)
+    self.last_shapes = tuple(shapes)
     results = []
-    for (chunks, (_, rows)), sampled in zip(calls, jax.device_get(dispatched), strict=True):
+    for (chunks, _), rows, sampled in zip(
+      calls, sampling_rows, jax.device_get(dispatched), strict=True
+    ):
       for i, chunk in zip(rows, chunks, strict=True):
         if chunk.completes:
           row = Sampled(
@@ -335,6 +343,7 @@ class Runner:
     logits_at = np.zeros(B, np.int32)
     sample_index = np.zeros(B, np.int32)
     requests = [None] * B  # the sampling rows in batch order; the rest get defaults
+    constrained = []  # (matcher, row) of each constrained chunk whose next token is sampled
     for c, table, chunk_rows, chunk_pieces in zip(chunks, tables, rows, pieces, strict=True):
       for i, (start, length) in zip(chunk_rows, chunk_pieces, strict=True):
         tokens[i, :length] = c.request.token_ids[start : start + length]
@@ -344,6 +353,8 @@ class Runner:
       logits_at[last] = chunk_pieces[-1][1] - 1
       sample_index[last] = c.request.num_output
       requests[last] = c.request
+      if c.completes and c.request.matcher is not None:
+        constrained.append((c.request.matcher, last))
     padding = SamplingParams()
     sampling = self._sampling(
       [r.params if r else padding for r in requests],
@@ -352,7 +363,6 @@ class Runner:
       [r.token_ids if r else [] for r in requests],
       [r.prompt_len if r else 0 for r in requests],
     )
-    constrained = [(r.matcher, i) for i, r in enumerate(requests) if r and r.matcher]
     if constrained:  # structured output: each such row's allowed next tokens
       allowed = np.full_like(sampling.allowed, -1)
       structured.fill(allowed, constrained)

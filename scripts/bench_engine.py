@@ -43,6 +43,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import describe  # noqa: E402
 
 from meshserve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from meshserve.models import load_model  # noqa: E402
@@ -258,8 +259,9 @@ def main() -> None:
     padded = statistics.median(run.padded for run in runs[n])
     rows.append((n, len(workload(n)), tok_s, ttft, tpot, *seconds_per_step, padded, shape))
 
+  print(f"\n{describe()}")
   print(
-    f"\ndevice: {jax.devices()[0].device_kind}, model: {cfg.name} ({args.dtype}), prompts "
+    f"model: {cfg.name} ({args.dtype}), prompts "
     f"{args.min_prompt}-{args.max_prompt} tokens, {args.output_len} output tokens, "
     f"KV pages of {page_size} tokens, {model.attention.kind} attention"
   )

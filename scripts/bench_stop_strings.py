@@ -20,28 +20,18 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import statistics
 import string
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from machine import describe  # noqa: E402
+
 from meshserve.engine import AsyncEngine, Engine, EngineConfig, SamplingParams  # noqa: E402
 from meshserve.engine.output import TextStream  # noqa: E402
 from meshserve.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # noqa: E402
 from meshserve.models import load_model  # noqa: E402
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def worst_stops() -> tuple[str, ...]:
@@ -128,7 +118,7 @@ def main() -> None:
   step = statistics.median(tpot["plain"])
   cost = matching_cost(text, model.tokenizer, stops)
   ratio = statistics.median(tpot["heavy"]) / step
-  print(f"cpu: {cpu_model()}; {platform.node()}; JAX on {os.environ['JAX_PLATFORMS']}")
+  print(describe())
   print(
     f"heavy request: {len(stops)} stop strings of {len(stops[0])} characters, "
     f"{len(text)} characters of text by the victim's end; victim: {args.victim_tokens} tokens "

@@ -294,3 +294,38 @@ def test_the_async_front_end_compiles_off_the_engine_thread_within_a_time_bound(
     engine.shutdown(30)
   assert compiled_on and "meshserve-engine-core" not in compiled_on
   assert compiled_on[0] != threading.main_thread().name
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_its_table(capsys):
+  """scripts/bench_structured.py, tiny: both ways at two concurrencies, one row each."""
+  import importlib.util
+  import pathlib
+  import sys
+
+  scripts = pathlib.Path(__file__).parents[1] / "scripts"
+  sys.path.insert(0, str(scripts))
+  try:
+    spec = importlib.util.spec_from_file_location(
+      "bench_structured", scripts / "bench_structured.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fill, append = bench.structured.fill, bench.Engine._append
+    try:
+      bench.main(["--concurrency", "1", "4", "--output-len", "6", "--rounds", "1"])
+    finally:  # it times them by wrapping
+      bench.structured.fill, bench.Engine._append = fill, append
+  finally:
+    sys.path.remove(str(scripts))
+  rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()]
+  rows = [[c.strip() for c in r] for r in rows if r and r[0].strip().isdigit()]
+  assert [(r[0], r[1]) for r in rows] == [
+    ("1", "free"),
+    ("1", "json_schema"),
+    ("4", "free"),
+    ("4", "json_schema"),
+  ]
+  for r in rows:
+    assert float(r[2]) > 0 and float(r[4]) > 0
+    assert (float(r[5]) > 0) == (r[1] == "json_schema")  # mask fill: constrained rows only
