@@ -232,6 +232,35 @@ def test_constrained_and_free_rows_share_a_batch_unchanged(llm, model):
       assert mixed[32 + i].token_ids == alone.token_ids
 
 
+@pytest.mark.slow  # a minute: two engines, 8 requests each run alone too
+def test_preemption_and_the_prefix_cache_keep_each_matcher(model):
+  """8 seeded constrained requests sharing a 32-token prefix grow to 7 pages each in a pool of
+  24: some are preempted and recomputed (their matchers keep what they consumed), prefix-cache
+  pages are reused, and each output is valid and exactly what it is alone."""
+  shared = model.tokenizer.encode("The weather report for the coast says that tomorrow " * 4)[:32]
+  prompts = [shared + model.tokenizer.encode(f" Row {i}, twelve numbers:") for i in range(8)]
+  numbers = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 100, "maximum": 999},
+    "minItems": 12,
+    "maxItems": 12,
+  }
+  constraint = Constraint("json_schema", json.dumps(numbers))
+  params = [
+    SamplingParams(max_tokens=96, temperature=1.0, seed=i, constraint=constraint) for i in range(8)
+  ]
+  llm = LLM(model, EngineConfig(num_pages=25, max_model_len=160, max_batch=8))
+  outs = llm.generate(prompts, params)
+  stats = llm.engine.stats()
+  assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0, stats
+  assert stats["free_pages"] == stats["total_pages"]
+  alone = LLM(model, EngineConfig(num_pages=16, max_model_len=160, max_batch=1))
+  for prompt, p, out in zip(prompts, params, outs, strict=True):
+    assert out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(out.text), numbers)
+    assert out.token_ids == alone.generate(prompt, p)[0].token_ids
+
+
 @pytest.mark.parametrize(
   ("constraint", "message"),
   [
