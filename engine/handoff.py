@@ -241,7 +241,7 @@ class DecodeStage(Stage):
       del self.moving[m.request_id]
       try:
         jax.block_until_ready(m.kv)  # ready: raises at once if the copy failed
-        runner.import_pages(m.kv, m.pages)
+        runner.import_pages(m.kv, m.pages, m.state.prompt_ids)
       except Exception as e:  # noqa: BLE001
         self._fail(m.request_id, e, events)
         continue

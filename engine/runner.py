@@ -1,9 +1,11 @@
 """The runner: the only code that calls jitted device functions.
 
 One jitted `model_step` serves prefill chunks ([R, T] tokens) and decode ([B, 1]): it writes
-the new tokens' K/V into the donated page pool, computes logits at one token per row and
-samples from them on device. `Runner.execute` runs a scheduled step as at most two calls, the
-prefill chunks and the decode batch, and fetches both results in one device->host transfer.
+the new tokens' K/V into the donated page pool, and the tokens themselves beside it (the
+pool's `page_tokens`, which the penalties read back: no history crosses from the host), then
+computes logits at one token per row and samples from them on device. `Runner.execute` runs
+a scheduled step as at most two calls, the prefill chunks and the decode batch, and fetches
+both results in one device->host transfer.
 
 A step's compiled shape is (B, T, P) from the config's buckets (`EngineConfig.step_shapes`);
 sampling parameters are data, never shape. `Runner.warmup` compiles every shape ahead of time
@@ -56,38 +58,60 @@ class StepShardings:
   replicas: int = 1
   replica_axis: str | None = None  # the mesh axis the rules give `batch` (and `pages`)
 
+  @property
+  def page_tokens(self) -> NamedSharding:
+    """The pool's token ids [N, Z], split over pages as the pool is."""
+    return NamedSharding(self.cache.mesh, PartitionSpec(self.cache.spec[1], None))
 
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames="cache")
+
+@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnames=("cache", "page_tokens"))
 def model_step(
-  graphdef, state, cache, tokens, positions, page_table, logits_at, sampling, step,
+  graphdef, state, cache, page_tokens, tokens, positions, page_table, logits_at, sampling, step,
   shardings: StepShardings | None = None,
 ):  # fmt: skip
-  """(Sampled rows, logits at `logits_at` [B, V] float32, updated cache)."""
+  """(Sampled rows, logits at `logits_at` [B, V] float32, updated cache and page_tokens)."""
 
-  def run(state, cache, tokens, positions, page_table, logits_at, sampling, step):
+  def run(state, cache, page_tokens, tokens, positions, page_table, logits_at, sampling, step):
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens, positions, cache, page_table, logits_at=logits_at)
-    return sample(logits, sampling, step), logits, cache
+    page_tokens, history = record_tokens(page_tokens, tokens, positions, page_table, logits_at)
+    return sample(logits, sampling, step, history), logits, cache, page_tokens
 
   if shardings is not None and shardings.replicas > 1:
     axis = shardings.replica_axis
     rows, pages = PartitionSpec(axis), PartitionSpec(None, axis)
     run = jax.shard_map(
       run,
-      in_specs=(PartitionSpec(), pages, rows, rows, rows, rows, rows, rows),
-      out_specs=(rows, rows, pages),
+      in_specs=(PartitionSpec(), pages, rows, rows, rows, rows, rows, rows, rows),
+      out_specs=(rows, rows, pages, rows),
       axis_names={axis},
       check_vma=False,
     )
-  sampled, logits, cache = run(
-    state, cache, tokens, positions, page_table, logits_at, sampling, step
+  sampled, logits, cache, page_tokens = run(
+    state, cache, page_tokens, tokens, positions, page_table, logits_at, sampling, step
   )
   if shardings is not None:
     # The sampled rows are small and every process reads them; the logits [B, V] stay where
     # their rows are (gathering them would cost a step an all-gather of B x V floats).
     sampled = jax.lax.with_sharding_constraint(sampled, shardings.replicated)
     cache = jax.lax.with_sharding_constraint(cache, shardings.cache)
-  return sampled, logits, cache
+    page_tokens = jax.lax.with_sharding_constraint(page_tokens, shardings.page_tokens)
+  return sampled, logits, cache, page_tokens
+
+
+def record_tokens(page_tokens, tokens, positions, page_table, logits_at):
+  """Writes each row's tokens into `page_tokens` [N, Z] where their K/V went (padding, at
+  position -1, is dropped), and reads back each row's history [B, P * Z]: its tokens at
+  every position up to the one it samples after (`logits_at`), -1 beyond. A prefix-cache hit's
+  pages hold their tokens already; a preempted request's recompute writes them again."""
+  N, Z = page_tokens.shape
+  B, P = page_table.shape
+  at = jnp.maximum(positions, 0)
+  pages = jnp.where(positions >= 0, jnp.take_along_axis(page_table, at // Z, axis=1), N)
+  page_tokens = page_tokens.at[pages, at % Z].set(tokens, mode="drop")
+  last = jnp.take_along_axis(positions, logits_at[:, None], axis=1)  # [B, 1]
+  history = page_tokens[page_table].reshape(B, P * Z)
+  return page_tokens, jnp.where(jnp.arange(P * Z)[None, :] <= last, history, -1)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -102,6 +126,15 @@ def _scatter_pages(cache: KVCache, kv: jax.Array, pages: jax.Array, out_sharding
   """Writes packed KV (PackedKV) into `pages` [n] of the (donated) pool."""
   cache = KVCache(k=cache.k.at[:, pages].set(kv[0]), v=cache.v.at[:, pages].set(kv[1]))
   return cache if out_sharding is None else jax.lax.with_sharding_constraint(cache, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _write_page_tokens(page_tokens, ids: jax.Array, pages: jax.Array, out_sharding):
+  """Writes token ids [n, Z] into `pages` [n] of the (donated) page_tokens."""
+  page_tokens = page_tokens.at[pages].set(ids)
+  if out_sharding is None:
+    return page_tokens
+  return jax.lax.with_sharding_constraint(page_tokens, out_sharding)
 
 
 class Runner:
@@ -120,8 +153,10 @@ class Runner:
     cfg = model.config
     self.shardings = None
     storage = precision.storage_dtype(cfg.dtype, model.platform)
+    tokens = functools.partial(jnp.full, (config.num_pages, config.page_size), -1, jnp.int32)
     if model.mesh is None:
       self.cache = KVCache.zeros(cfg, config.num_pages, config.page_size, storage)
+      self.page_tokens = tokens()
     else:
       shape = (cfg.num_layers, config.num_pages, config.page_size, cfg.num_kv_heads, cfg.head_dim)
       cache = kv_cache_sharding(shape, model.layout, model.mesh)
@@ -137,12 +172,12 @@ class Runner:
       )  # fmt: skip
       zeros = functools.partial(KVCache.zeros, cfg, config.num_pages, config.page_size, storage)
       self.cache = jax.jit(zeros, out_shardings=self.shardings.cache)()  # built in place
+      self.page_tokens = jax.jit(tokens, out_shardings=self.shardings.page_tokens)()
     self.executables: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, P)
     self.num_compiles = 0
     self.last_shapes: tuple[tuple[int, ...], ...] = ()  # dispatched by the last execute
-    # Per B, a [B, max_model_len] history and a [B, ceil(V/32)] mask, all -1: the batches with
-    # no penalized and no constrained row share them.
-    self._unused: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # Per B, a [B, ceil(V/32)] mask, all -1: the batches with no constrained row share it.
+    self._unconstrained: dict[int, np.ndarray] = {}
 
   @functools.cached_property
   def kv_sharding(self) -> jax.sharding.Sharding:
@@ -174,15 +209,24 @@ class Runner:
     out = None if self.shardings is None else self.kv_sharding
     return _gather_pages(self.cache, self._replicated(padded), out)
 
-  def import_pages(self, kv: jax.Array, pages: list[int]) -> None:
-    """Writes packed KV (as export_pages gives it, already in `kv_sharding`) into `pages`."""
+  def import_pages(self, kv: jax.Array, pages: list[int], token_ids) -> None:
+    """Writes packed KV (as export_pages gives it, already in `kv_sharding`) into `pages`,
+    and `token_ids`, the tokens it is the KV of, beside it (what penalties read)."""
     padded = self.page_list(pages)
     if kv.shape != self.kv_shape(len(padded)):
       raise ValueError(f"kv: shape {kv.shape}, expected {self.kv_shape(len(padded))}")
     if kv.dtype != self.cache.k.dtype:  # e.g. stages loaded with different --dtype
       raise ValueError(f"kv: dtype {kv.dtype}, this pool holds {self.cache.k.dtype}")
+    if len(token_ids) > len(pages) * self.config.page_size:
+      raise ValueError(f"token_ids: {len(token_ids)} tokens do not fit {len(pages)} pages")
+    ids = np.full((len(padded), self.config.page_size), -1, np.int32)
+    ids.reshape(-1)[: len(token_ids)] = token_ids
     out = None if self.shardings is None else self.shardings.cache
     self.cache = _scatter_pages(self.cache, kv, self._replicated(padded), out)
+    out = None if self.shardings is None else self.shardings.page_tokens
+    self.page_tokens = _write_page_tokens(
+      self.page_tokens, self._replicated(ids), self._replicated(padded), out
+    )
 
   def warmup_transfers(self, *, export: bool, imports: bool) -> None:
     """Compiles the page mover of every page bucket, so no transfer compiles while serving."""
@@ -191,8 +235,8 @@ class Runner:
         self.export_pages([0] * n)
       if imports:
         kv = jax.device_put(jnp.zeros(self.kv_shape(n), self.cache.k.dtype), self.kv_sharding)
-        self.import_pages(kv, [0] * n)
-    jax.block_until_ready(self.cache)
+        self.import_pages(kv, [0] * n, [])
+    jax.block_until_ready((self.cache, self.page_tokens))
 
   def _replicated(self, x: np.ndarray):
     return x if self.shardings is None else put(x, self.shardings.replicated)
@@ -360,7 +404,6 @@ class Runner:
       [r.params if r else padding for r in requests],
       [r.seed if r else 0 for r in requests],
       B,
-      [r.token_ids if r else [] for r in requests],
       [r.prompt_len if r else 0 for r in requests],
     )
     if constrained:  # structured output: each such row's allowed next tokens
@@ -370,17 +413,12 @@ class Runner:
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
     return inputs, [chunk_rows[-1] for chunk_rows in rows]
 
-  def _sampling(self, params, seeds, B, histories=(), prompt_lens=()) -> SamplingBatch:
-    width, words = self.config.max_model_len, -(-self.model.config.vocab_size // 32)
-    if any(p.penalized for p in params):
-      return SamplingBatch.build(
-        params, seeds, B, histories, prompt_lens, history_width=width, mask_words=words
-      )
-    batch = SamplingBatch.build(params, seeds, B)  # history and mask: the shared ones, below
-    if B not in self._unused:
-      self._unused[B] = np.full((B, width), -1, np.int32), np.full((B, words), -1, np.int32)
-    history, allowed = self._unused[B]
-    return dataclasses.replace(batch, history=history, allowed=allowed)
+  def _sampling(self, params, seeds, B, prompt_lens=()) -> SamplingBatch:
+    batch = SamplingBatch.build(params, seeds, B, prompt_lens)  # the mask: the shared one
+    if B not in self._unconstrained:
+      words = -(-self.model.config.vocab_size // 32)
+      self._unconstrained[B] = np.full((B, words), -1, np.int32)
+    return dataclasses.replace(batch, allowed=self._unconstrained[B])
 
   def dummy_inputs(self, shape: tuple[int, int, int]):
     """All-padding inputs of a step shape: every token writes to the sink page."""
@@ -404,8 +442,9 @@ class Runner:
     # themselves over it (models/attention.py).
     with contextlib.nullcontext() if self.model.mesh is None else jax.set_mesh(self.model.mesh):
       return model_step.lower(
-        self.model.graphdef, self.model.state, self.cache, *self._place(inputs), self.shardings
-      )
+        self.model.graphdef, self.model.state, self.cache, self.page_tokens,
+        *self._place(inputs), self.shardings,
+      )  # fmt: skip
 
   def _dispatch(self, tokens, positions, page_table, logits_at, sampling, sample_index):
     inputs = (tokens, positions, page_table, logits_at, sampling, sample_index)
@@ -416,5 +455,7 @@ class Runner:
       executable = self.executables[shape] = self._lower(inputs).compile()
       self.num_compiles += 1
       log.info("compiled step B=%d T=%d P=%d in %.1fs", *shape, time.perf_counter() - start)
-    sampled, logits, self.cache = executable(self.model.state, self.cache, *self._place(inputs))
+    sampled, logits, self.cache, self.page_tokens = executable(
+      self.model.state, self.cache, self.page_tokens, *self._place(inputs)
+    )
     return sampled, logits

@@ -31,10 +31,8 @@ from meshserve.engine.params import (  # noqa: F401 - re-exported
 
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
-  """SamplingParams of a batch as arrays, one row per slot (host side, numpy).
-
-  `history` holds a penalized row's tokens so far (prompt then output, -1 padding). Its width
-  is fixed (the engine's max_model_len), so penalties never add a compiled shape.
+  """SamplingParams of a batch as arrays, one row per slot (host side, numpy). The tokens a
+  row's penalties count are not here: the step reads them on the device (`sample`'s history).
   """
 
   temperature: np.ndarray  # [B] float32
@@ -46,8 +44,7 @@ class SamplingBatch:
   frequency_penalty: np.ndarray  # [B] float32
   seed: np.ndarray  # [B] uint32
   logprobs: np.ndarray  # [B] int32: alternatives asked for, 0 = none
-  history: np.ndarray  # [B, W] int32, -1 = none (all -1 unless the row is penalized)
-  prompt_len: np.ndarray  # [B] int32: history[:, prompt_len:] is output
+  prompt_len: np.ndarray  # [B] int32: the row's history from prompt_len on is output
   # [B, ceil(V/32)] int32: bit v % 32 of word v // 32 set where token v may be drawn; -1 (every
   # bit) on unconstrained rows. Its width is fixed (the vocabulary), so it adds no shape.
   allowed: np.ndarray
@@ -58,24 +55,19 @@ class SamplingBatch:
     params: Sequence[SamplingParams],
     seeds: Sequence[int],
     batch: int,
-    histories: Sequence[Sequence[int]] = (),
     prompt_lens: Sequence[int] = (),
-    history_width: int = 1,
     mask_words: int = 1,
   ) -> SamplingBatch:
-    """Rows for `params` (padded to `batch`). Penalized rows need their `histories` and
-    `prompt_lens`, within `history_width` tokens. Every row may draw any token (`allowed`, of
-    `mask_words` words a row, all set): the runner fills constrained rows' masks."""
+    """Rows for `params` (padded to `batch`); penalized rows need their `prompt_lens`. Every
+    row may draw any token (`allowed`, of `mask_words` words a row, all set): the runner fills
+    constrained rows' masks."""
     pad = batch - len(params)
 
     def column(name, fill, dtype):
       return np.array([getattr(p, name) for p in params] + [fill] * pad, dtype)
 
-    history = np.full((batch, history_width), -1, np.int32)
     lens = np.zeros(batch, np.int32)
-    for i, p in enumerate(params):
-      if p.penalized:
-        history[i, : len(histories[i])], lens[i] = histories[i], prompt_lens[i]
+    lens[: len(prompt_lens)] = prompt_lens
     return cls(
       temperature=column("temperature", 0.0, np.float32),
       top_k=column("top_k", 0, np.int32),
@@ -86,7 +78,6 @@ class SamplingBatch:
       frequency_penalty=column("frequency_penalty", 0.0, np.float32),
       seed=np.array(list(seeds) + [0] * pad, np.uint32),
       logprobs=np.array([p.logprobs or 0 for p in params] + [0] * pad, np.int32),
-      history=history,
       prompt_len=lens,
       allowed=np.full((batch, mask_words), -1, np.int32),
     )
@@ -116,9 +107,11 @@ def sample(
   logits: jax.Array,  # [B, V] float32
   params: SamplingBatch,
   step: jax.Array,  # [B] int32: index of the token being sampled within its request
+  history: jax.Array | None = None,  # [B, W] int32: each row's tokens so far, -1 beyond
 ) -> Sampled:
   """Picks the next token of each row. Traced inside the model step, so sampling costs no host
-  sync, and one compiled shape serves every mix of parameters.
+  sync, and one compiled shape serves every mix of parameters. Penalties need the `history`
+  (prompt, then output from `params.prompt_len` on); without one, no row may be penalized.
 
   The batch takes the cheapest branch that serves all its rows: argmax only; a draw from the
   full distribution; or the sort that top-k / top-p need (costly on CPU: ~10 ms a row).
@@ -140,9 +133,10 @@ def sample(
     | (params.presence_penalty != 0.0)
     | (params.frequency_penalty != 0.0)
   )
-  logits = jax.lax.cond(
-    jnp.any(penalized), lambda x: _apply_penalties(x, params), lambda x: x, logits
-  )
+  if history is not None:
+    logits = jax.lax.cond(
+      jnp.any(penalized), lambda x: _apply_penalties(x, params, history), lambda x: x, logits
+    )
   greedy = _argmax(logits)
   sampled = params.temperature > 0.0
   filtered = sampled & ((params.top_k > 0) | (params.top_p < 1.0))
@@ -190,10 +184,10 @@ def _argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(first, V - 1)  # a NaN row has no index equal to its max
 
 
-def _apply_penalties(logits: jax.Array, params: SamplingBatch) -> jax.Array:
-  """Repetition penalty over prompt and output tokens; presence and frequency over output."""
+def _apply_penalties(logits: jax.Array, params: SamplingBatch, history: jax.Array) -> jax.Array:
+  """Repetition penalty over prompt and output tokens; presence and frequency over output.
+  history [B, W]: each row's tokens (-1 padding)."""
   B, V = logits.shape
-  history = params.history
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], history.shape)
   ids = jnp.where(history >= 0, history, V)  # padding scatters out of bounds and is dropped
   is_output = jnp.arange(history.shape[1])[None, :] >= params.prompt_len[:, None]

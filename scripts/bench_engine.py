@@ -131,7 +131,9 @@ def bare_step_time(engine: Engine, shape: tuple[int, ...], batch: Batch, repeats
   executable = runner.executables[shape]
 
   def run():
-    sampled, _, runner.cache = executable(model.state, runner.cache, *args)
+    sampled, _, runner.cache, runner.page_tokens = executable(
+      model.state, runner.cache, runner.page_tokens, *args
+    )
     sampled.tokens.block_until_ready()
 
   return median_time(run, repeats)

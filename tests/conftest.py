@@ -183,3 +183,37 @@ def pytest_xdist_make_scheduler(config, log):
       return "router topology" if "/test_server_disaggregated" in file else file
 
   return ByFile(config, log)
+
+
+def penalized_greedy(model, prompts, params, n: int) -> list[tuple[list[int], list[float]]]:
+  """Greedy decoding under `params`' penalties on the no-cache forward, with the penalties in
+  numpy: for each prompt, (its n tokens, each step's margin between the two best penalized
+  logits). Every prompt and step is padded to one length (the forward is causal, so what
+  follows a position never changes its logits): one compile."""
+  width = max(map(len, prompts)) + n
+  out = []
+  for prompt in prompts:
+    ids, tokens, margins = list(prompt), [], []
+    for _ in range(n):
+      logits = model.logits(ids + [0] * (width - len(ids)))[len(ids) - 1].astype(np.float64)
+      rep = params.repetition_penalty
+      for t in set(ids):
+        logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+      for t in set(tokens):
+        logits[t] -= params.presence_penalty + params.frequency_penalty * tokens.count(t)
+      second, first = np.sort(logits)[-2:]
+      margins.append(first - second)
+      tokens.append(int(logits.argmax()))
+      ids.append(tokens[-1])
+    out.append((tokens, margins))
+  return out
+
+
+def assert_equal_until_a_near_tie(want, margins, got, margin=1e-3):
+  """Token ids equal, except from a step where the reference's best two were within `margin`
+  (float rounding between paths may pick either)."""
+  for i, (a, b) in enumerate(zip(want, got, strict=False)):
+    if a != b:
+      assert margins[i] < margin, (i, margins[i], want, got)
+      return
+  assert len(want) == len(got), (want, got)

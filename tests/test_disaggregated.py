@@ -21,7 +21,7 @@ from meshserve.engine import (
 from meshserve.engine.disaggregated import DisaggregatedEngine
 from meshserve.engine.handoff import Handoff
 from meshserve.engine.request import RequestState
-from tests.conftest import assert_greedy_equal
+from tests.conftest import assert_equal_until_a_near_tie, assert_greedy_equal, penalized_greedy
 
 CONFIG = EngineConfig(num_pages=64, max_model_len=128, max_batch=4, max_num_batched_tokens=32)
 
@@ -113,6 +113,20 @@ def test_a_request_the_first_token_finishes_never_reaches_decode(make):
   assert len(ids) == 1 and last.finish_reason == "length" and last.timing.transfer_s is None
   stages = dict(asyncio.run(every_page_back(engine)))
   assert stages["decode"]["kv_transfers"] == 0
+
+
+def test_penalties_count_the_prompt_after_the_hand_off(make, model):
+  """The decode stage writes a handed-off prompt's tokens beside its KV, so a penalized
+  request decodes there as a numpy reference does, the prompt's tokens penalized too."""
+  engine = make()
+  prompt = model.tokenizer.encode("The cat sat on the mat, and the cat sat on the mat again. The")
+  params = SamplingParams(
+    max_tokens=16, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
+    ignore_eos=True,
+  )  # fmt: skip
+  ids, _ = asyncio.run(collect(engine.generate(prompt, params)))
+  [(want, margins)] = penalized_greedy(model, [prompt], params, 16)
+  assert_equal_until_a_near_tie(want, margins, ids)
 
 
 def test_every_constraint_kind_crosses_the_hand_off(make, monkeypatch):

@@ -9,9 +9,10 @@ import asyncio
 import itertools
 import random
 
+import jax
 import numpy as np
 import pytest
-from conftest import assert_greedy_equal
+from conftest import assert_equal_until_a_near_tie, assert_greedy_equal, penalized_greedy
 
 from meshserve.engine import LLM, AsyncEngine, Engine, EngineConfig, SamplingParams
 
@@ -208,6 +209,54 @@ def test_logprobs_equal_log_softmax_of_reference_logits(llm, model, golden):
     np.testing.assert_allclose(row[list(ids)], values, atol=1e-3)
   plain = llm.generate(prompt, SamplingParams(max_tokens=6))[0]
   assert plain.logprobs is None and plain.token_ids == out.token_ids
+
+
+def test_penalties_read_every_token_wherever_it_was_written(model):
+  """Penalties count the tokens the step wrote beside their KV on the device: prompts
+  prefilled in chunks, requests preempted and recomputed, and a prefix-cache hit (its pages
+  written by an earlier request) all decode as a numpy reference does, penalizing prompt and
+  output tokens alike."""
+  ids = model.tokenizer.encode(TEXT)
+  prompts = [ids[i * 40 : i * 40 + 40] for i in range(4)]
+  params = SamplingParams(
+    max_tokens=24, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
+    ignore_eos=True,
+  )  # fmt: skip
+  config = EngineConfig(num_pages=12, max_model_len=64, max_batch=4, max_num_batched_tokens=32)
+  llm = LLM(model, config)
+  outs = llm.generate(prompts, params)
+  assert llm.engine.stats()["preemptions"] > 0
+  again = llm.generate(prompts[3], params)[0]
+  assert llm.engine.stats()["cached_tokens"] >= 32
+  want = penalized_greedy(model, prompts, params, 24)
+  for (tokens, margins), out in zip(want, outs, strict=True):
+    assert_equal_until_a_near_tie(tokens, margins, out.token_ids)
+  assert_equal_until_a_near_tie(*want[3], again.token_ids)
+  plain = llm.generate(prompts[0], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+  assert plain.token_ids != outs[0].token_ids  # the penalties changed something
+
+
+def test_a_decode_step_sends_no_history_to_the_device(model):
+  """The host arrays of a penalized decode step: of all of them only the page table (one int
+  per page of context a row may reach) grows with max_model_len. The tokens the penalties
+  count stay on the device."""
+  prompt = model.tokenizer.encode(TEXT)[:20]
+
+  def bytes_per_decode_step(max_model_len: int) -> set[int]:
+    llm = LLM(model, EngineConfig(num_pages=160, max_model_len=max_model_len, max_batch=4))
+    place, sent = llm.runner._place, set()
+
+    def spy(inputs):
+      if inputs[0].shape[1] == 1:  # a decode call: tokens [B, 1]
+        sent.add(sum(x.nbytes for x in jax.tree.leaves(inputs) if isinstance(x, np.ndarray)))
+      return place(inputs)
+
+    llm.runner._place = spy
+    llm.generate([prompt] * 4, SamplingParams(max_tokens=4, repetition_penalty=1.2))
+    return sent
+
+  (short,), (long,) = bytes_per_decode_step(256), bytes_per_decode_step(2048)
+  assert long - short == 4 * (2048 - 256) // 16 * 4  # B rows x the extra pages x int32
 
 
 def test_penalties_change_the_output(llm, golden):

@@ -224,8 +224,11 @@ def test_penalties_match_a_numpy_reference():
     SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
     SamplingParams(repetition_penalty=0.8),
   ]
-  batch = SamplingBatch.build(params, [0, 0], 2, history, [3, 1], history_width=8)
-  got = np.asarray(jax.jit(_apply_penalties)(logits, batch))
+  batch = SamplingBatch.build(params, [0, 0], 2, [3, 1])
+  rows = np.full((2, 8), -1, np.int32)
+  for row, ids in zip(rows, history, strict=True):
+    row[: len(ids)] = ids
+  got = np.asarray(jax.jit(_apply_penalties)(logits, batch, rows))
   want = logits.copy()
   for row, (ids, p, prompt_len) in enumerate(zip(history, params, [3, 1], strict=True)):
     for t in set(ids):

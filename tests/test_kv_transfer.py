@@ -67,8 +67,11 @@ def test_pages_cross_layouts_bit_for_bit(four_heads, transfer_servers, src, dst,
     fetch = decode.fetch(prefill.address, offer)
   moved = fetch(b.kv_sharding, b.kv_shape(n))
   assert moved.sharding.is_equivalent_to(b.kv_sharding, moved.ndim)
-  b.import_pages(moved, b_pages)
+  ids = list(range(7, 7 + 3 * b.config.page_size - 5))  # the last page not full
+  b.import_pages(moved, b_pages, ids)
   np.testing.assert_array_equal(pages_of(b, b_pages), pages_of(a, a_pages))
+  tokens = np.asarray(b.page_tokens)[b_pages].reshape(-1)  # the ids in page order, -1 after
+  np.testing.assert_array_equal(tokens, ids + [-1] * 5)
   np.testing.assert_array_equal(pages_of(b, [1, 4]), before)  # nothing else was written
   assert b.cache.k.sharding.is_equivalent_to(b.shardings.cache, 5)
 
@@ -99,8 +102,11 @@ def test_a_prefilled_request_lands_in_the_decode_pool_bit_for_bit(stage_models):
   kv = prefill.runner.export_pages(p_pages)
   d_pages = decode.reserve("r", len(prompt))
   assert set(d_pages).isdisjoint(p_pages)
-  decode.runner.import_pages(jax.device_put(kv, decode.runner.kv_sharding), d_pages)
+  decode.runner.import_pages(jax.device_put(kv, decode.runner.kv_sharding), d_pages, prompt)
   np.testing.assert_array_equal(pages_of(decode.runner, d_pages), pages_of(prefill.runner, p_pages))
+  np.testing.assert_array_equal(  # the tokens too, which the penalties read
+    np.asarray(decode.runner.page_tokens)[d_pages], np.asarray(prefill.runner.page_tokens)[p_pages]
+  )
   decode.admit("r", RequestState.of(request))
   prefill.free("r")
   assert prefill.allocator.num_free == CONFIG.num_pages - 1

@@ -287,7 +287,6 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
   # No structured-output mask: the step of unconstrained rows, whose batches skip it (a cost
   # analysis would count the masked branch's [B, V] traffic as if every step took it).
   sampling = SamplingBatch.build([SamplingParams()] * B, [0] * B, B)
-  sampling = dataclasses.replace(sampling, history=np.full((B, shape.context), -1, np.int32))
   ints = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
   inputs = (ints(B, T), ints(B, T), ints(B, P), ints(B), sampling, ints(B))
   # The engine's own step: under dp, each replica on its own rows and slice of the pool.
@@ -295,9 +294,15 @@ def _compile(graphdef, state, cache, layout, mesh, step_shape, shape, config) ->
   shardings = StepShardings(
     cache.k.sharding, replicated, replicas=layout.data, replica_axis=layout.rules.batch
   )
+  num_pages, page_size = cache.k.shape[1:3]
+  page_tokens = jax.ShapeDtypeStruct(
+    (num_pages, page_size), jnp.int32, sharding=shardings.page_tokens
+  )
   started = time.perf_counter()
   with jax.set_mesh(mesh):  # the Pallas kernels split themselves over it
-    lowered = model_step.lower(graphdef, state, cache, *jax.tree.map(spec, inputs), shardings)
+    lowered = model_step.lower(
+      graphdef, state, cache, page_tokens, *jax.tree.map(spec, inputs), shardings
+    )
   compiled = lowered.compile()
   compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis()
