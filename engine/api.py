@@ -61,7 +61,9 @@ __all__ = [
   "TokenLogprob",
   "TransferError",
   "enable_compilation_cache",
+  "follow",
   "launch",
+  "process_index",
   "new_request_id",
 ]
 
@@ -319,6 +321,22 @@ def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = No
   from meshserve.engine.launch import launch as start
 
   return start(spec, on_dead=on_dead)
+
+
+def process_index() -> int:
+  """This process's index among the processes of a multi-host mesh (jax.distributed); 0 when
+  alone. Process 0 serves; the others follow it (`follow`)."""
+  import jax
+
+  return jax.process_index()
+
+
+def follow(spec: LaunchSpec) -> None:
+  """Multi-host, every process but 0: loads the model, compiles every step shape and runs
+  process 0's schedule in lockstep (meshserve.engine.lockstep) until process 0 stops."""
+  from meshserve.engine.launch import follow as run
+
+  run(spec)
 
 
 def enable_compilation_cache(path: str | None = None) -> pathlib.Path:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
+from meshserve.engine import lockstep
 from meshserve.engine.api import (  # noqa: F401 - re-exported
   ConstraintError,
   EngineInfo,
@@ -72,11 +73,13 @@ class AsyncEngine:
     max_queue: int | None = None,
     warmup: bool = False,
     on_dead: Callable[[EngineDeadError], None] | None = None,
+    publish: lockstep.Publisher | None = None,
   ):
     """max_queue: how many requests may wait beyond the engine's max_batch before new ones get
     QueueFullError (None: no limit). warmup: compile every step shape before the first step
     (`ready` is set when done). on_dead: called (on the core's
-    thread) once the engine has failed or shut down, after every open stream has been told."""
+    thread) once the engine has failed or shut down, after every open stream has been told.
+    publish: multi-host, process 0: each core turn goes to the followers (engine/lockstep.py)."""
     self.engine, self.tokenizer = engine, engine.tokenizer
     self.max_queue = max_queue
     self._notify_dead = on_dead
@@ -84,7 +87,7 @@ class AsyncEngine:
     self._streams: dict[str, _Stream] = {}  # internal id -> stream, until its last delta
     self._client_ids: set[str] = set()  # streaming now, until the consumer is done
     self._ids = itertools.count()
-    self.core = EngineCore(engine, self._on_deltas, self._on_dead, warmup=warmup)
+    self.core = EngineCore(engine, self._on_deltas, self._on_dead, warmup=warmup, publish=publish)
 
   @property
   def ready(self) -> threading.Event:

@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
+from meshserve.engine import lockstep
 from meshserve.engine.api import EngineDeadError
 from meshserve.engine.engine import Engine
 from meshserve.engine.handoff import STAGES, CoreEvent, Import, KVFetch, StageFailed
@@ -55,6 +56,17 @@ class _Release:
 _STOP = object()
 
 
+def _turn_message(m) -> list:
+  """An inbox message as a follower applies it (engine/lockstep.py)."""
+  if m is _STOP:
+    return ["stop"]
+  if isinstance(m, _Add):
+    return lockstep.add_message(m.request_id, m.token_ids, m.params, m.cache_salt)
+  if isinstance(m, _Abort):
+    return ["abort", m.request_id]
+  raise ValueError(f"{type(m).__name__}: multi-host serving runs colocated engines only")
+
+
 class EngineCore:
   """Runs `engine` on a thread of its own; `warmup` compiles every step shape first."""
 
@@ -65,11 +77,15 @@ class EngineCore:
     on_dead: Callable[[EngineDeadError], None],
     *,
     warmup: bool = False,
+    publish: lockstep.Publisher | None = None,
   ):
     """on_deltas (a list of TokenDelta, Handoff, Landed and StageFailed events) and on_dead
     run on the core thread and must not block. An exception from a step fails the core."""
     self.engine = engine
     self._on_deltas, self._on_dead = on_deltas, on_dead
+    # Multi-host: every turn goes to the followers (engine/lockstep.py) before it is applied.
+    self._publish = publish
+    self._dying = threading.Lock()
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self.error: EngineDeadError | None = None
     self.ready = threading.Event()  # set once warm-up is done and the loop runs
@@ -130,6 +146,8 @@ class EngineCore:
       if warmup:
         self._warmup()
         self._stats = self._read_stats()
+      if self._publish is not None:  # multi-host: ready once every follower is, too
+        self._publish.wait_followers(self._stopping)
       self.ready.set()
       while self._turn():
         pass
@@ -164,6 +182,8 @@ class EngineCore:
         messages.append(self._inbox.get_nowait())
       except queue.Empty:
         break
+    if self._publish is not None and (messages or self.engine.has_unfinished()):
+      self._publish(list(map(_turn_message, messages)))
     for m in messages:
       if m is _STOP:
         self._abort_all(events)
@@ -216,7 +236,16 @@ class EngineCore:
   def _read_stats(self) -> dict:
     return self.engine.stats() | self.stage.stats()
 
+  def fail(self, error: EngineDeadError) -> None:
+    """Fails the core from another thread (a multi-host follower died: the core's own thread
+    may be waiting in a collective that never completes). Every open stream gets the error."""
+    self._stopping.set()
+    self._die(error)
+
   def _die(self, error: EngineDeadError) -> None:
-    self.error = error
+    with self._dying:
+      if self.error is not None:  # failed already (fail, then the core thread's own end)
+        return
+      self.error = error
     self.ready.set()  # nobody waits forever for a warm-up that failed
     self._on_dead(error)  # fails whatever is still open, adds that raced the stop included

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import threading
 from collections.abc import Callable
 
 import jax
 
-from meshserve.engine.api import EngineClient, LaunchSpec, Role
+from meshserve.engine import lockstep
+from meshserve.engine.api import EngineClient, EngineDeadError, LaunchSpec, Role
 from meshserve.engine.async_engine import AsyncEngine
 from meshserve.engine.disaggregated import DisaggregatedEngine, StageWorkerEngine
 from meshserve.engine.engine import Engine
@@ -35,9 +37,31 @@ def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = No
     )
   engine = Engine(load_model(spec.model, layout=spec.layout, dtype=spec.dtype), spec.engine,
                   role=spec.role)  # fmt: skip
+  if jax.process_count() > 1:  # process 0 of several: the others follow its core's turns
+    if spec.role != Role.COLOCATED:
+      raise ValueError(f"role: {spec.role} serves from one host; multi-host serves colocated")
+    publisher = lockstep.Publisher(jax.process_count())
+    front = AsyncEngine(engine, publish=publisher, **kw)
+    publisher.watch(lambda why: front.core.fail(EngineDeadError(why)), threading.Event())
+    return front
   if spec.role == Role.COLOCATED:
     return AsyncEngine(engine, **kw)
   return StageWorkerEngine(engine, transfer_host=spec.transfer_host, **kw)
+
+
+def follow(spec: LaunchSpec) -> None:
+  """A multi-host follower (every process but 0): the same model and engine as process 0's,
+  every step shape compiled, then process 0's turns applied in lockstep until it stops."""
+  if spec.role != Role.COLOCATED:
+    raise ValueError(f"role: {spec.role} serves from one host; multi-host serves colocated")
+  engine = Engine(load_model(spec.model, layout=spec.layout, dtype=spec.dtype), spec.engine,
+                  role=spec.role)  # fmt: skip
+  if spec.warmup:
+    engine.runner.warmup()
+  _ = engine.grammars  # constraints compile as process 0's do
+  log.info("process %d: following process 0", jax.process_index())
+  lockstep.follow(engine, jax.process_index())
+  log.info("process %d: process 0 stopped; done", jax.process_index())
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:

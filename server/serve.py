@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 
 from grpc_health.v1 import health, health_pb2
@@ -50,6 +51,35 @@ def launch_spec(opts: ServeOptions) -> api.LaunchSpec:
   )  # fmt: skip
 
 
+async def follow(opts: ServeOptions, stop: asyncio.Event) -> int:
+  """Multi-host, every process but 0: no port, no metrics; it runs process 0's schedule until
+  process 0 stops (its drain decides). A SIGTERM here waits for that, --drain-timeout + 30 s at
+  most."""
+  log.info("process %d of a multi-host mesh: following process 0", api.process_index())
+  done = asyncio.get_running_loop().create_future()
+
+  def run():
+    try:
+      api.follow(launch_spec(opts))
+      outcome = 0
+    except Exception:  # noqa: BLE001 - logged; the process exits 1
+      log.exception("the follower failed")
+      outcome = 1
+    done.get_loop().call_soon_threadsafe(done.set_result, outcome)
+
+  threading.Thread(target=run, name="meshserve-follower", daemon=True).start()
+  await asyncio.wait([done, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED")
+  if not done.done():
+    grace = opts.drain_timeout + 30
+    log.info("signalled: following process 0 until it stops (at most %.0fs)", grace)
+    try:
+      return await asyncio.wait_for(done, grace)
+    except TimeoutError:
+      log.error("process 0 did not stop within %.0fs", grace)
+      return 1
+  return done.result()
+
+
 async def serve(opts: ServeOptions) -> int:
   """Runs the server until SIGTERM/SIGINT; returns the process exit status."""
   loop = asyncio.get_running_loop()
@@ -70,6 +100,8 @@ async def serve(opts: ServeOptions) -> int:
     log.info(
       "persistent compilation cache: %s", api.enable_compilation_cache(opts.compilation_cache)
     )
+  if api.process_index() > 0:
+    return await follow(opts, stop)
   checks = health.aio.HealthServicer()
 
   def on_dead(error: Exception) -> None:  # on the engine core's thread

@@ -28,6 +28,10 @@ def _env_int(name: str) -> int | None:
   return int(value)
 
 
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 20
+
+
 def initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
@@ -52,7 +56,12 @@ def initialize(
       f"multi-process run of {num_processes}: give the coordinator address and this process's id"
       f" (--coordinator-address/--process-id or {ENV_COORDINATOR}/{ENV_PROCESS_ID})"
     )
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  # A process whose peers are gone waits this long, not jax's 5 minutes, at its exit's barrier;
+  # one whose coordinator is gone is stopped after the heartbeat timeout, not 100 s.
+  jax.distributed.initialize(
+    coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+  )  # fmt: skip
   log.info(
     "process %d of %d: %d local, %d global devices",
     jax.process_index(),
