@@ -8,8 +8,10 @@ import sys
 
 import grpc
 
+from meshserve.server.cli.common import add_constraint_flags, constraint_of
 from meshserve.server.proto.meshserve.v1 import inference_pb2 as pb
 from meshserve.server.proto.meshserve.v1 import inference_pb2_grpc
+from meshserve.server.servicer import constraint_proto
 
 
 def channel(address: str, tls_ca: pathlib.Path | None = None) -> grpc.Channel:
@@ -26,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     sampling.max_tokens = args.max_tokens
   if args.seed is not None:
     sampling.seed = args.seed
+  constraint_proto(constraint_of(args), sampling)
   request = pb.GenerateRequest(sampling=sampling)
   if args.chat:
     request.messages.append(pb.ChatMessage(role="user", content=args.prompt))
@@ -72,6 +75,7 @@ def add_parser(sub) -> None:
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+  add_constraint_flags(p)
   p.add_argument("--tls-ca", type=pathlib.Path, default=None, help="CA certificate (PEM): use TLS")
   p.add_argument("--auth-token-file", type=pathlib.Path, default=None)
   p.set_defaults(func=run)

@@ -85,6 +85,10 @@ def test_a_bad_flag_is_one_clear_line_from_a_real_process():
     (["--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty"),
     (["--prompt", "hi", "--stop-token-id", "-1"], "stop_token_ids"),
     (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
+    (["--prompt", "hi", "--choice", ""], "--choice: give one or more non-empty strings"),
+    (["--prompt", "hi", "--json-schema", "@/nonexistent.json"], "--json-schema: [Errno 2]"),
+    (["--prompt", "hi", "--choice", "a", "--regex", "b"], "not allowed with argument --choice"),
+    (["--prompt", "hi", "--regex", "a("], "--regex: at 1(8): invalid regex"),  # compiled: a model
   ],
 )
 def test_generate_bad_input_is_one_clear_line(capsys, monkeypatch, args, message):

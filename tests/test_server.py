@@ -382,6 +382,13 @@ def test_client_command_streams_from_the_server(server):
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   assert "Paris" in proc.stdout and "finish_reason=" in proc.stderr
+  proc = subprocess.run(
+    [sys.executable, "-m", "meshserve.server.cli", "client", "--address", server.address,
+     "--choice", "yes", "--choice", "no", "Is the sky blue? Answer:"],
+    capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() in ("yes", "no") and "finish_reason=stop" in proc.stderr
 
 
 def test_every_constraint_kind_through_grpcurl_equals_offline(server, offline):

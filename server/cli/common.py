@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pathlib
 
 log = logging.getLogger("meshserve")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -39,6 +40,39 @@ def values(args: argparse.Namespace, owner, names) -> dict:
   """The parsed flags of `names`, as keyword arguments of `owner`."""
   fields = {f.name for f in dataclasses.fields(owner)}
   return {name: getattr(args, name) for name in names if name in fields}
+
+
+def add_constraint_flags(parser: argparse.ArgumentParser) -> None:
+  """Structured output: at most one of the constraint flags (SamplingParams.constraint)."""
+  group = parser.add_argument_group(
+    "structured output (at most one)"
+  ).add_mutually_exclusive_group()
+  group.add_argument("--json-schema", help="a JSON Schema the output follows (JSON, or @FILE)")
+  group.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+  group.add_argument("--regex", help="a regular expression the whole output matches")
+  group.add_argument("--grammar", help="a Lark grammar the output follows (text, or @FILE)")
+  group.add_argument("--choice", action="append", help="the output is one of these (repeatable)")
+
+
+def constraint_of(args: argparse.Namespace):
+  """The Constraint the flags of add_constraint_flags give, or None; ValueError names the
+  flag (an @FILE that cannot be read, or a malformed constraint)."""
+  from meshserve.engine.api import Constraint
+
+  for flag in ("json_schema", "regex", "grammar", "choice"):
+    value = getattr(args, flag)
+    if value is None:
+      continue
+    if isinstance(value, str) and value.startswith("@") and flag != "regex":
+      try:
+        value = pathlib.Path(value[1:]).read_text()
+      except OSError as e:
+        raise ValueError(f"--{flag.replace('_', '-')}: {e}") from None
+    try:
+      return Constraint(flag, tuple(value) if flag == "choice" else value)
+    except ValueError as e:  # "constraint.<kind>: ..."
+      raise ValueError(f"--{flag.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+  return Constraint("json_object") if args.json_object else None
 
 
 def add_cache_flag(parser: argparse.ArgumentParser) -> None:

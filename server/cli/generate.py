@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 
-from meshserve.engine.api import SamplingParams
+from meshserve.engine.api import ConstraintError, SamplingParams
 from meshserve.server.cli.common import (
   MODEL_HELP,
   add_cache_flag,
+  add_constraint_flags,
   add_device_flags,
   add_dtype_flag,
+  constraint_of,
   enable_cache,
   field_flags,
   model_name,
@@ -44,6 +46,7 @@ def add_parser(sub) -> None:
   p.add_argument(
     "--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)"
   )
+  add_constraint_flags(p)
   add_cache_flag(p)
   add_dtype_flag(p)
   add_device_flags(p)
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     max_tokens=args.max_tokens,
     stop=tuple(args.stop),
     stop_token_ids=tuple(args.stop_token_id),
+    constraint=constraint_of(args),
     **values(args, SamplingParams, SAMPLING_FLAGS),
   )
   if not args.prompt.strip():
@@ -69,10 +73,16 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     sys.stdout.flush()
 
-  if args.chat:
-    out = llm.chat([{"role": "user", "content": args.prompt}], params, on_delta=show)
-  else:
-    out = llm.generate(args.prompt, params, on_delta=show)
+  try:
+    if args.chat:
+      out = llm.chat([{"role": "user", "content": args.prompt}], params, on_delta=show)
+    else:
+      out = llm.generate(args.prompt, params, on_delta=show)
+  except ConstraintError as e:  # "constraint.<kind>: <llguidance's message>": name the flag
+    field, message = str(e).split(": ", 1)
+    raise ValueError(
+      f"--{field.removeprefix('constraint.').replace('_', '-')}: {message}"
+    ) from None
   sys.stdout.write("\n")
   log.info("finish_reason=%s tokens=%d", out[0].finish_reason, len(out[0].token_ids))
   return 0
