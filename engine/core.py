@@ -183,7 +183,7 @@ class EngineCore:
       except queue.Empty:
         break
     if self._publish is not None and (messages or self.engine.has_unfinished()):
-      self._publish(list(map(_turn_message, messages)))
+      self._publish(list(map(_turn_message, messages)), self.engine)
     for m in messages:
       if m is _STOP:
         self._abort_all(events)
@@ -240,6 +240,7 @@ class EngineCore:
     """Fails the core from another thread (a multi-host follower died: the core's own thread
     may be waiting in a collective that never completes). Every open stream gets the error."""
     self._stopping.set()
+    self._inbox.put(_STOP)  # should the core's thread still run, it aborts everything and stops
     self._die(error)
 
   def _die(self, error: EngineDeadError) -> None:
@@ -247,5 +248,8 @@ class EngineCore:
       if self.error is not None:  # failed already (fail, then the core thread's own end)
         return
       self.error = error
+    if self._publish is not None:  # multi-host: the followers stop too (best effort)
+      with contextlib.suppress(Exception):
+        self._publish([["stop"]])
     self.ready.set()  # nobody waits forever for a warm-up that failed
     self._on_dead(error)  # fails whatever is still open, adds that raced the stop included

@@ -8,7 +8,10 @@ number. A follower (every other process) reads the turns in order, applies the s
 to its own `Engine` and steps whenever that leaves it work, as the core does. The engines are
 deterministic (unseeded requests draw their seeds in arrival order, the scheduler and the page
 allocator depend on nothing else), so every process schedules, pages and samples alike, and
-only these few bytes a turn cross between hosts: never a token, a page table or a logit.
+only these few bytes a turn cross between hosts: never a token, a page table or a logit. Each
+turn starts with a check of the state it applies to (process 0's open requests and steps): a
+follower out of step fails at once rather than run a program its peers do not. A failing
+process 0 publishes a stop turn, best effort.
 
 Liveness: a follower's heartbeat starts once it has compiled its steps and follows; process
 0's core is ready (and the server SERVING) only once every follower's has. `Publisher.watch`
@@ -61,6 +64,7 @@ class Publisher:
     self.client = _client()
     self.followers = range(1, num_processes)
     self.turn = 0
+    self._lock = threading.Lock()  # the core's thread publishes; a failing core's stop too
 
   def wait_followers(self, cancel: threading.Event) -> None:
     """Returns once every follower has loaded its model, compiled its steps and started
@@ -76,12 +80,17 @@ class Publisher:
     except Exception:  # noqa: BLE001 - no heartbeat yet: it is still warming up
       return None
 
-  def __call__(self, messages: list) -> None:
-    """Publishes one turn of the core: the messages it is about to apply, in order."""
-    self.client.key_value_set(f"{PREFIX}/turn/{self.turn}", json.dumps(messages))
-    if self.turn >= KEEP_TURNS:
-      self.client.key_value_delete(f"{PREFIX}/turn/{self.turn - KEEP_TURNS}")
-    self.turn += 1
+  def __call__(self, messages: list, engine=None) -> None:
+    """Publishes one turn of the core: the messages it is about to apply, in order, after a
+    check of the state they apply to (`engine`'s open requests and steps), which a follower
+    must match."""
+    if engine is not None:
+      messages = [["check", len(engine.requests), engine.num_steps], *messages]
+    with self._lock:
+      self.client.key_value_set(f"{PREFIX}/turn/{self.turn}", json.dumps(messages))
+      if self.turn >= KEEP_TURNS:
+        self.client.key_value_delete(f"{PREFIX}/turn/{self.turn - KEEP_TURNS}")
+      self.turn += 1
 
   def watch(self, on_dead: Callable[[str], None], stop: threading.Event) -> threading.Thread:
     """Calls on_dead(reason) once, on a thread, when a follower's heartbeat stops."""
@@ -123,10 +132,20 @@ def follow(engine, process_id: int, ready: Callable[[], None] | None = None) -> 
     while True:
       try:
         text = client.blocking_key_value_get(f"{PREFIX}/turn/{turn}", 60_000)
-      except Exception:  # noqa: BLE001 - no turn for a minute: an idle server; ask again
-        continue
+      except Exception as e:
+        if "DEADLINE_EXCEEDED" in str(e):  # no turn for a minute: an idle server
+          continue
+        raise  # the coordination service is gone: process 0 with it
       turn += 1
       for message in json.loads(text):
+        if message[0] == "check":
+          mine = [len(engine.requests), engine.num_steps]
+          if message[1:] != mine:
+            raise RuntimeError(
+              f"turn {turn - 1}: process 0 has {message[1:]} (requests, steps), this process "
+              f"{mine}: out of step"
+            )
+          continue
         if message[0] == "stop":
           for request_id in list(engine.requests):
             engine.abort(request_id)
@@ -145,5 +164,5 @@ def _apply(engine, message: list) -> None:
       engine.add_request(token_ids, params_of(params), request_id, cache_salt=salt)
     else:
       engine.abort(message[1])
-  except ValueError as e:  # refused on process 0 too: it failed alone there
-    log.debug("turn message %s refused: %s", message[:2], e)
+  except ValueError as e:  # refused on process 0 too, or the next turn's check says not
+    log.warning("turn message %s refused: %s", message[:2], e)

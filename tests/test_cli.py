@@ -106,6 +106,7 @@ def test_generate_bad_input_is_one_clear_line(capsys, monkeypatch, args, message
     (["--role", "router", "--prefill", "127.0.0.1:1"], "--decode"),
     (["--role", "router", "--prefill", "nohost", "--decode", "127.0.0.1:1"], "HOST:PORT"),
     (["--prefill", "127.0.0.1:1"], "--role router"),
+    (["--role", "prefill", "--num-processes", "2"], "only colocated serving spans hosts"),
   ],
 )
 def test_serve_topology_mistakes_are_one_clear_line(capsys, monkeypatch, args, message):

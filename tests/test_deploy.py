@@ -28,7 +28,7 @@ def documents(path: pathlib.Path) -> list[dict]:
 # What the environment gives a container's $(VAR) references: the downward API's pod IP, and
 # LeaderWorkerSet's group (leader address, size, this pod's index).
 ENVIRONMENT = {"POD_IP": "10.0.0.7", "LWS_LEADER_ADDRESS": "meshserve-0.meshserve",
-               "LWS_GROUP_SIZE": "4", "LWS_WORKER_INDEX": "2"}  # fmt: skip
+               "LWS_WORKER_INDEX": "2"}  # fmt: skip
 
 
 def templates(doc: dict) -> list[tuple[str, dict]]:
@@ -47,7 +47,10 @@ def servers(path: pathlib.Path):
   for doc in documents(path):
     for name, template in templates(doc):
       [container] = template["spec"]["containers"]
-      args = [re.sub(r"\$\((\w+)\)", lambda m: ENVIRONMENT[m[1]], a) for a in container["args"]]
+      env = ENVIRONMENT
+      if doc["kind"] == "LeaderWorkerSet":  # the group's own size, as LWS sets it
+        env = env | {"LWS_GROUP_SIZE": str(doc["spec"]["leaderWorkerTemplate"]["size"])}
+      args = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m[1]], a) for a in container["args"]]
       opts = build_parser().parse_args(args)
       check_topology(opts)
       yield name, template, container, opts

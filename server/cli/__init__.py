@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
   else:
     common.skip_absent_tpu()
   try:
+    if (check := getattr(args, "check", None)) is not None:  # flag mistakes, before any device
+      check(args)
     if getattr(args, "role", None) == "router":
       pass  # holds no model and touches no device: it never imports JAX
     elif "coordinator_address" in vars(args):  # a command with the device flags

@@ -83,7 +83,7 @@ def add_parser(sub) -> None:
   topo.add_argument("--decode", default=None, help="router: decode workers, ADDR[,ADDR...]")
   add_dtype_flag(p)
   add_device_flags(p)
-  p.set_defaults(func=run)
+  p.set_defaults(func=run, check=check_topology)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
   from meshserve.server.serve import serve
 
   check_topology(args)
+  args.prefill_layout = args.prefill_layout or "tp=1"
+  args.decode_layout = args.decode_layout or "tp=1"
   if args.max_queue < 0:
     raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
   if bool(args.tls_cert) != bool(args.tls_key):
@@ -132,8 +134,10 @@ def check_topology(args: argparse.Namespace) -> None:
       raise ValueError("--role router needs --prefill ADDR[,ADDR...] and --decode ADDR[,ADDR...]")
   elif args.prefill or args.decode:
     raise ValueError("--prefill and --decode name a router's workers: add --role router")
-  args.prefill_layout = args.prefill_layout or "tp=1"
-  args.decode_layout = args.decode_layout or "tp=1"
+  if (args.num_processes or 1) > 1 and (args.mode == "disaggregated" or args.role != "all"):
+    raise ValueError(
+      "--num-processes: only colocated serving spans hosts; leave --mode and --role out"
+    )
 
 
 def addresses(text: str | None, flag: str) -> tuple[str, ...]:
