@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import threading
 from collections.abc import Callable
 
 import jax
@@ -42,7 +41,7 @@ def launch(spec: LaunchSpec, *, on_dead: Callable[[Exception], None] | None = No
       raise ValueError(f"role: {spec.role} serves from one host; multi-host serves colocated")
     publisher = lockstep.Publisher(jax.process_count())
     front = AsyncEngine(engine, publish=publisher, **kw)
-    publisher.watch(lambda why: front.core.fail(EngineDeadError(why)), threading.Event())
+    publisher.watch(lambda why: front.core.fail(EngineDeadError(why)))
     return front
   if spec.role == Role.COLOCATED:
     return AsyncEngine(engine, **kw)

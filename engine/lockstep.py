@@ -92,12 +92,13 @@ class Publisher:
         self.client.key_value_delete(f"{PREFIX}/turn/{self.turn - KEEP_TURNS}")
       self.turn += 1
 
-  def watch(self, on_dead: Callable[[str], None], stop: threading.Event) -> threading.Thread:
-    """Calls on_dead(reason) once, on a thread, when a follower's heartbeat stops."""
+  def watch(self, on_dead: Callable[[str], None]) -> threading.Thread:
+    """Calls on_dead(reason) once, on a daemon thread, when a follower's heartbeat stops."""
 
     def run():
       seen = {p: (None, time.monotonic()) for p in self.followers}
-      while not stop.wait(HEARTBEAT_S):
+      while True:
+        time.sleep(HEARTBEAT_S)
         for p in self.followers:
           beat = self._beat(p)
           last, since = seen[p]
@@ -112,7 +113,7 @@ class Publisher:
     return thread
 
 
-def follow(engine, process_id: int, ready: Callable[[], None] | None = None) -> None:
+def follow(engine, process_id: int) -> None:
   """A follower's loop: applies process 0's turns to `engine` and steps as its core does,
   until the stop turn. Returns then."""
   client = _client()
@@ -125,8 +126,6 @@ def follow(engine, process_id: int, ready: Callable[[], None] | None = None) -> 
       client.key_value_set(f"{PREFIX}/heartbeat/{process_id}", str(beat), allow_overwrite=True)
 
   threading.Thread(target=heartbeat, name="meshserve-heartbeat", daemon=True).start()
-  if ready is not None:
-    ready()
   turn = 0
   try:
     while True:
